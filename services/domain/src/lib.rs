@@ -1,0 +1,19 @@
+//! Validated domain types of the top-up platform. Wire types from `topup-proto` convert into
+//! these with `TryFrom`; invalid input fails there, once, with a reason that becomes the
+//! dead-letter record. No I/O, no clock.
+
+mod balance;
+mod error;
+mod ids;
+mod mask;
+mod money;
+mod outcome;
+mod rule;
+
+pub use balance::BalanceObservation;
+pub use error::{Invalid, ValidationError};
+pub use ids::{command_id, idempotency_key, notification_id, SubscriberId};
+pub use mask::{mask_contact, mask_token};
+pub use money::{Currency, Money};
+pub use outcome::TopUpOutcome;
+pub use rule::{Channel, PaymentMethod, Rule, RuleState, TopUpAmount};

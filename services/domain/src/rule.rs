@@ -1,0 +1,346 @@
+//! The subscriber's auto top-up rule, validated. The same checks serve the evaluator (which
+//! dead-letters invalid rules) and any front door that accepts rules.
+use topup_proto::v1 as wire;
+
+use crate::money::required_money;
+use crate::{Invalid, Money, SubscriberId, ValidationError};
+
+/// Largest absolute amount (minor units) accepted anywhere in a rule or balance: far above
+/// any real top-up, far below `i64` overflow when amounts are added or subtracted.
+pub(crate) const MAX_ABS_MINOR: i64 = 1_000_000_000_000_000;
+
+/// Where a rule is in its life. Only `Active` charges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RuleState {
+    /// Being set up; not yet confirmed by the subscriber.
+    Draft,
+    /// Confirmed with the one-time code; not yet switched on.
+    Confirmed,
+    /// Charges when the balance drops below the threshold.
+    Active,
+    /// Switched off for now by the subscriber.
+    Paused,
+    /// Gone.
+    Deleted,
+}
+
+/// How much a top-up charges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopUpAmount {
+    /// Always this amount.
+    Fixed(Money),
+    /// Whatever brings the balance up to this target.
+    UpTo(Money),
+}
+
+/// A stored payment method: an opaque gateway token with its kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentMethod {
+    /// Gateway token; never a card number.
+    pub token: String,
+    /// Card, debit card, Alipay, WeChat Pay, ...
+    pub kind: wire::PaymentMethodKind,
+    /// Display label ("•••• 4242").
+    pub label: String,
+}
+
+/// A notification channel with its contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Channel {
+    /// SMS, e-mail, push or console.
+    pub kind: wire::ChannelKind,
+    /// Phone number, e-mail address or push token.
+    pub address: String,
+}
+
+/// A valid auto top-up rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    /// Whose rule.
+    pub subscriber: SubscriberId,
+    /// Lifecycle state.
+    pub state: RuleState,
+    /// Fire when the balance drops below this.
+    pub threshold: Money,
+    /// How much to charge.
+    pub top_up: TopUpAmount,
+    /// Tried in order.
+    pub payment_methods: Vec<PaymentMethod>,
+    /// Language of notifications.
+    pub locale: String,
+    /// Where notifications go.
+    pub channels: Vec<Channel>,
+    /// At most this many top-ups per UTC day.
+    pub max_topups_per_day: Option<u32>,
+    /// At most this much charged per UTC calendar month.
+    pub max_amount_per_month: Option<Money>,
+    /// The carrier the subscriber belongs to.
+    pub carrier_id: String,
+    /// The rule as received, for the changelog and for commands.
+    pub wire: wire::AutoTopUpRule,
+}
+
+impl Rule {
+    /// The amount to charge when the balance is `balance`; `None` when the currencies differ,
+    /// the balance is already at or above a target, or the arithmetic would overflow.
+    pub fn charge_for(&self, balance: Money) -> Option<Money> {
+        let amount = match self.top_up {
+            TopUpAmount::Fixed(amount) => amount,
+            TopUpAmount::UpTo(target) => target.checked_sub(balance)?,
+        };
+        (amount.minor > 0 && amount.currency == balance.currency).then_some(amount)
+    }
+
+    /// Is this rule allowed to charge?
+    pub fn is_active(&self) -> bool {
+        self.state == RuleState::Active
+    }
+}
+
+fn positive(money: Money, field: &str) -> Invalid<Money> {
+    if money.minor <= 0 {
+        return Err(ValidationError::new(field, format!("must be positive, got {money}")));
+    }
+    if money.minor > MAX_ABS_MINOR {
+        return Err(ValidationError::new(field, format!("{money} is beyond any plausible top-up")));
+    }
+    Ok(money)
+}
+
+fn same_currency(money: Money, threshold: Money, field: &str) -> Invalid<Money> {
+    if money.currency != threshold.currency {
+        return Err(ValidationError::new(
+            field,
+            format!(
+                "currency {} differs from the threshold's {}",
+                money.currency, threshold.currency
+            ),
+        ));
+    }
+    Ok(money)
+}
+
+fn state_of(raw: i32) -> Invalid<RuleState> {
+    match wire::RuleState::try_from(raw) {
+        Ok(wire::RuleState::Draft) => Ok(RuleState::Draft),
+        Ok(wire::RuleState::Confirmed) => Ok(RuleState::Confirmed),
+        Ok(wire::RuleState::Active) => Ok(RuleState::Active),
+        Ok(wire::RuleState::Paused) => Ok(RuleState::Paused),
+        Ok(wire::RuleState::Deleted) => Ok(RuleState::Deleted),
+        Ok(wire::RuleState::Unspecified) => Err(ValidationError::new(
+            "state",
+            "is required (draft, confirmed, active, paused, deleted)",
+        )),
+        Err(_) => Err(ValidationError::new("state", format!("{raw} is not a known rule state"))),
+    }
+}
+
+fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMethod> {
+    let field = format!("payment_methods[{index}]");
+    if raw.token.is_empty() || raw.token.len() > 256 {
+        return Err(ValidationError::new(format!("{field}.token"), "must be 1 to 256 bytes"));
+    }
+    if raw.token.chars().filter(|c| c.is_ascii_digit()).count() >= 13 {
+        // Looks like a card number (PAN): refuse rather than let it travel the bus.
+        return Err(ValidationError::new(
+            format!("{field}.token"),
+            "looks like a card number; only gateway tokens are accepted",
+        ));
+    }
+    let kind = match wire::PaymentMethodKind::try_from(raw.kind) {
+        Ok(wire::PaymentMethodKind::Unspecified) | Err(_) => {
+            return Err(ValidationError::new(
+                format!("{field}.kind"),
+                format!("{} is not a known payment method kind", raw.kind),
+            ))
+        }
+        Ok(kind) => kind,
+    };
+    Ok(PaymentMethod { token: raw.token.clone(), kind, label: raw.label.clone() })
+}
+
+fn channel(index: usize, raw: &wire::NotificationChannel) -> Invalid<Channel> {
+    let field = format!("channels[{index}]");
+    let kind = match wire::ChannelKind::try_from(raw.kind) {
+        Ok(wire::ChannelKind::Unspecified) | Err(_) => {
+            return Err(ValidationError::new(
+                format!("{field}.kind"),
+                format!("{} is not a known channel kind", raw.kind),
+            ))
+        }
+        Ok(kind) => kind,
+    };
+    if raw.address.is_empty() && kind != wire::ChannelKind::Console {
+        return Err(ValidationError::new(format!("{field}.address"), "is required"));
+    }
+    if raw.address.len() > 320 {
+        return Err(ValidationError::new(format!("{field}.address"), "is longer than 320 bytes"));
+    }
+    Ok(Channel { kind, address: raw.address.clone() })
+}
+
+impl TryFrom<&wire::AutoTopUpRule> for Rule {
+    type Error = ValidationError;
+
+    fn try_from(raw: &wire::AutoTopUpRule) -> Invalid<Self> {
+        let subscriber = SubscriberId::parse(&raw.subscriber_id)?;
+        let state = state_of(raw.state)?;
+        let threshold = required_money(raw.threshold.as_ref(), "threshold")?;
+        if threshold.minor.unsigned_abs() > MAX_ABS_MINOR as u64 {
+            return Err(ValidationError::new("threshold", "is beyond any plausible balance"));
+        }
+        let top_up = match &raw.top_up {
+            Some(wire::auto_top_up_rule::TopUp::Amount(m)) => {
+                let amount = required_money(Some(m), "amount")?;
+                TopUpAmount::Fixed(same_currency(positive(amount, "amount")?, threshold, "amount")?)
+            }
+            Some(wire::auto_top_up_rule::TopUp::TargetBalance(m)) => {
+                let target = required_money(Some(m), "target_balance")?;
+                let target = same_currency(
+                    positive(target, "target_balance")?,
+                    threshold,
+                    "target_balance",
+                )?;
+                if target.minor <= threshold.minor {
+                    return Err(ValidationError::new(
+                        "target_balance",
+                        format!("{target} must be above the threshold {threshold}"),
+                    ));
+                }
+                TopUpAmount::UpTo(target)
+            }
+            None => {
+                return Err(ValidationError::new(
+                    "top_up",
+                    "either amount or target_balance is required",
+                ))
+            }
+        };
+        if raw.payment_methods.is_empty() {
+            return Err(ValidationError::new("payment_methods", "at least one is required"));
+        }
+        let payment_methods = raw
+            .payment_methods
+            .iter()
+            .enumerate()
+            .map(|(i, m)| payment_method(i, m))
+            .collect::<Invalid<Vec<_>>>()?;
+        let channels = raw
+            .channels
+            .iter()
+            .enumerate()
+            .map(|(i, c)| channel(i, c))
+            .collect::<Invalid<Vec<_>>>()?;
+        let max_amount_per_month = match raw.max_amount_per_month.as_ref() {
+            None => None,
+            Some(m) => {
+                let cap = required_money(Some(m), "max_amount_per_month")?;
+                Some(same_currency(
+                    positive(cap, "max_amount_per_month")?,
+                    threshold,
+                    "max_amount_per_month",
+                )?)
+            }
+        };
+        if raw.locale.len() > 35 {
+            return Err(ValidationError::new("locale", "is not a BCP 47 language tag"));
+        }
+        Ok(Rule {
+            subscriber,
+            state,
+            threshold,
+            top_up,
+            payment_methods,
+            locale: if raw.locale.is_empty() { "en".to_string() } else { raw.locale.clone() },
+            channels,
+            max_topups_per_day: (raw.max_topups_per_day > 0).then_some(raw.max_topups_per_day),
+            max_amount_per_month,
+            carrier_id: raw.carrier_id.clone(),
+            wire: raw.clone(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn valid() -> wire::AutoTopUpRule {
+        wire::AutoTopUpRule {
+            subscriber_id: "sub-1".into(),
+            threshold: Some(wire::Money { currency: "CNY".into(), amount_minor: 1000 }),
+            top_up: Some(wire::auto_top_up_rule::TopUp::Amount(wire::Money {
+                currency: "CNY".into(),
+                amount_minor: 5000,
+            })),
+            payment_methods: vec![wire::PaymentMethod {
+                token: "tok_approve_4242".into(),
+                kind: wire::PaymentMethodKind::Card as i32,
+                ..Default::default()
+            }],
+            state: wire::RuleState::Active as i32,
+            locale: "zh-CN".into(),
+            ..Default::default()
+        }
+    }
+
+    fn refused(raw: wire::AutoTopUpRule) -> String {
+        Rule::try_from(&raw).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn accepts_a_valid_rule() {
+        let rule = Rule::try_from(&valid()).unwrap();
+        assert!(rule.is_active());
+        let cny = rule.threshold.currency;
+        assert_eq!(rule.charge_for(Money::new(cny, 900)), Some(Money::new(cny, 5000)));
+    }
+
+    #[test]
+    fn target_balance_charges_the_difference() {
+        let mut raw = valid();
+        raw.top_up = Some(wire::auto_top_up_rule::TopUp::TargetBalance(wire::Money {
+            currency: "CNY".into(),
+            amount_minor: 10_000,
+        }));
+        let rule = Rule::try_from(&raw).unwrap();
+        let cny = rule.threshold.currency;
+        assert_eq!(rule.charge_for(Money::new(cny, -250)), Some(Money::new(cny, 10_250)));
+    }
+
+    #[test]
+    fn refuses_invalid_rules_with_the_field_named() {
+        let mut r = valid();
+        r.top_up = Some(wire::auto_top_up_rule::TopUp::Amount(wire::Money {
+            currency: "USD".into(),
+            amount_minor: 5000,
+        }));
+        assert!(refused(r).starts_with("amount: currency USD"));
+
+        let mut r = valid();
+        r.top_up = Some(wire::auto_top_up_rule::TopUp::Amount(wire::Money {
+            currency: "CNY".into(),
+            amount_minor: 0,
+        }));
+        assert!(refused(r).starts_with("amount: must be positive"));
+
+        let mut r = valid();
+        r.top_up = Some(wire::auto_top_up_rule::TopUp::TargetBalance(wire::Money {
+            currency: "CNY".into(),
+            amount_minor: 1000,
+        }));
+        assert!(refused(r).starts_with("target_balance:"));
+
+        let mut r = valid();
+        r.payment_methods.clear();
+        assert!(refused(r).starts_with("payment_methods:"));
+
+        let mut r = valid();
+        r.state = 42;
+        assert!(refused(r).starts_with("state: 42"));
+
+        let mut r = valid();
+        r.payment_methods[0].token = "4111111111111111".into();
+        assert!(refused(r).contains("card number"));
+    }
+}

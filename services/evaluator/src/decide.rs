@@ -1,0 +1,381 @@
+//! The decision, pure: `decide(state, event, now) -> (state, effects)`. No Kafka, no clock,
+//! no randomness; everything it needs arrives as arguments, so a replay decides the same.
+//!
+//! Semantics (see the README): only an active rule charges; it fires once per downward
+//! crossing of the threshold; one top-up in flight per subscriber; a failed top-up waits
+//! for a new crossing or a rule change; caps count per UTC day and UTC calendar month;
+//! stale balance events change nothing; without an active rule a low balance gets one
+//! reminder per crossing of the reminder level.
+use std::collections::HashMap;
+
+use topup_domain::{
+    command_id, idempotency_key, notification_id, BalanceObservation, Money, Rule, RuleState,
+    SubscriberId, TopUpOutcome,
+};
+use topup_proto::v1::{NotificationCommand, NotificationKind, TopUpCommand};
+use topup_proto::Timestamp;
+
+/// What the evaluator remembers of one subscriber.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriberState {
+    /// Whose state.
+    pub subscriber: SubscriberId,
+    /// The last valid rule (none, or deleted).
+    pub rule: Option<Rule>,
+    /// The last balance seen.
+    pub balance: Option<LastBalance>,
+    /// The top-up in flight.
+    pub in_flight: Option<InFlight>,
+    /// The next drop below the threshold may fire.
+    pub armed: bool,
+    /// The next drop below the reminder level may send a reminder.
+    pub reminder_armed: bool,
+    /// Cap counters.
+    pub caps: CapCounters,
+    /// The cap window in which the subscriber was last told of a cap ("day:N", "month:M").
+    pub cap_notified_window: String,
+    /// Commands issued so far (part of the deterministic command id).
+    pub commands_issued: u64,
+}
+
+/// The last balance seen.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LastBalance {
+    /// The balance.
+    pub money: Money,
+    /// Its sequence.
+    pub sequence: u64,
+    /// When the carrier saw it.
+    pub observed_at: Option<Timestamp>,
+    /// Reporting carrier.
+    pub carrier_id: String,
+}
+
+/// A top-up issued and not yet answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    /// Its command id.
+    pub command_id: String,
+    /// What it charges.
+    pub amount: Money,
+    /// The balance sequence that caused it.
+    pub cause_sequence: u64,
+    /// UTC day it was counted in.
+    pub issued_day: i64,
+    /// UTC month it was counted in.
+    pub issued_month: i64,
+}
+
+/// Usage counted against the rule's caps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CapCounters {
+    /// UTC day (days since the epoch) `topups_today` counts.
+    pub day: i64,
+    /// Top-ups issued that day.
+    pub topups_today: u32,
+    /// UTC month (year * 12 + month - 1) `amount_this_month` counts.
+    pub month: i64,
+    /// Minor units issued that month.
+    pub amount_this_month: i64,
+}
+
+impl SubscriberState {
+    /// A subscriber seen for the first time.
+    pub fn new(subscriber: SubscriberId) -> Self {
+        Self {
+            subscriber,
+            rule: None,
+            balance: None,
+            in_flight: None,
+            armed: true,
+            reminder_armed: true,
+            caps: CapCounters::default(),
+            cap_notified_window: String::new(),
+            commands_issued: 0,
+        }
+    }
+}
+
+/// Something that happened to a subscriber.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The carrier reported a balance.
+    Balance(BalanceObservation),
+    /// The rule was created, changed or deleted.
+    Rule(Box<Rule>),
+    /// A top-up finished.
+    Outcome(TopUpOutcome),
+}
+
+/// What the decision asks the world to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Charge: publish to topup.commands.v1.
+    Command(TopUpCommand),
+    /// Tell the subscriber: publish to topup.notifications.v1.
+    Notify(NotificationCommand),
+}
+
+/// Settings of the decision that are not part of any rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Low-balance reminder level (minor units of the balance's currency) for subscribers
+    /// without a rule; subscribers with an inactive rule are reminded at its threshold.
+    pub reminder_level_minor: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { reminder_level_minor: 500 }
+    }
+}
+
+/// Days since 1970-01-01 → (year, month 1..=12). Howard Hinnant's civil-from-days.
+fn civil_month(days: i64) -> (i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month)
+}
+
+/// The UTC day and month index of `now`.
+fn windows(now: &Timestamp) -> (i64, i64) {
+    let day = now.seconds.div_euclid(86_400);
+    let (year, month) = civil_month(day);
+    (day, year * 12 + month - 1)
+}
+
+/// Applies `event` to `state`. `origin` identifies the event (topic/partition/offset)
+/// for deterministic notification ids. A refusal leaves the state as it was.
+pub fn decide(
+    mut state: SubscriberState,
+    event: Event,
+    origin: &str,
+    now: Timestamp,
+    settings: &Settings,
+) -> Result<(SubscriberState, Vec<Effect>), String> {
+    let mut effects = Vec::new();
+    match event {
+        Event::Balance(observation) => {
+            if let Some(last) = &state.balance {
+                if observation.sequence <= last.sequence {
+                    // Stale or duplicate: carriers resend and reorder; nothing changes.
+                    return Ok((state, effects));
+                }
+            }
+            if let Some(rule) = &state.rule {
+                if observation.balance.currency != rule.threshold.currency {
+                    return Err(format!(
+                        "balance.currency: {} differs from the rule's currency {}",
+                        observation.balance.currency, rule.threshold.currency
+                    ));
+                }
+                if observation.balance.minor >= rule.threshold.minor {
+                    state.armed = true;
+                }
+            }
+            state.balance = Some(LastBalance {
+                money: observation.balance,
+                sequence: observation.sequence,
+                observed_at: observation.observed_at,
+                carrier_id: observation.carrier_id,
+            });
+        }
+        Event::Rule(rule) => {
+            let rule = *rule;
+            if let Some(balance) = &state.balance {
+                if rule.state != RuleState::Deleted
+                    && rule.threshold.currency != balance.money.currency
+                {
+                    return Err(format!(
+                        "rule.threshold.currency: {} differs from the balance's currency {}",
+                        rule.threshold.currency, balance.money.currency
+                    ));
+                }
+            }
+            let was_active = state.rule.as_ref().is_some_and(Rule::is_active);
+            let changed = state.rule.as_ref().map(|r| &r.wire) != Some(&rule.wire);
+            if rule.state == RuleState::Deleted {
+                state.rule = None;
+            } else {
+                if changed {
+                    // A rule change is a fresh start: the next low balance may fire again.
+                    state.armed = true;
+                }
+                if rule.is_active() && !was_active {
+                    effects.push(Effect::Notify(notify(
+                        &state,
+                        &rule,
+                        NotificationKind::RuleActivated,
+                        origin,
+                        now,
+                    )));
+                }
+                state.rule = Some(rule);
+            }
+        }
+        Event::Outcome(outcome) => {
+            match &state.in_flight {
+                Some(flight) if flight.command_id == outcome.command_id => {
+                    if !outcome.succeeded {
+                        // Nothing was charged: give back what the top-up took of the caps.
+                        if state.caps.day == flight.issued_day {
+                            state.caps.topups_today = state.caps.topups_today.saturating_sub(1);
+                        }
+                        if state.caps.month == flight.issued_month {
+                            state.caps.amount_this_month =
+                                (state.caps.amount_this_month - flight.amount.minor).max(0);
+                        }
+                    }
+                    state.in_flight = None;
+                }
+                // A result for something no longer in flight (a duplicate): nothing to close.
+                _ => return Ok((state, effects)),
+            }
+        }
+    }
+    fire_if_due(&mut state, now, &mut effects);
+    remind_if_due(&mut state, origin, now, settings, &mut effects);
+    Ok((state, effects))
+}
+
+fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Effect>) {
+    let (Some(rule), Some(balance)) = (&state.rule, &state.balance) else { return };
+    if !rule.is_active() || !state.armed || state.in_flight.is_some() {
+        return;
+    }
+    if balance.money.minor >= rule.threshold.minor {
+        return;
+    }
+    let Some(amount) = rule.charge_for(balance.money) else { return };
+    let (day, month) = windows(&now);
+    if state.caps.day != day {
+        state.caps.day = day;
+        state.caps.topups_today = 0;
+    }
+    if state.caps.month != month {
+        state.caps.month = month;
+        state.caps.amount_this_month = 0;
+    }
+    // This crossing is used up whether it charges or hits a cap.
+    state.armed = false;
+    let over_day = rule.max_topups_per_day.is_some_and(|max| state.caps.topups_today >= max);
+    let over_month = rule
+        .max_amount_per_month
+        .is_some_and(|max| state.caps.amount_this_month.saturating_add(amount.minor) > max.minor);
+    if over_day || over_month {
+        let window = if over_day { format!("day:{day}") } else { format!("month:{month}") };
+        if state.cap_notified_window != window {
+            let mut notification = notify(state, rule, NotificationKind::CapReached, &window, now);
+            notification.amount = Some(amount.to_wire());
+            notification.parameters.insert(
+                "cap".into(),
+                if over_day { "max_topups_per_day" } else { "max_amount_per_month" }.into(),
+            );
+            effects.push(Effect::Notify(notification));
+            state.cap_notified_window = window;
+        }
+        return;
+    }
+    let id = command_id(&state.subscriber, balance.sequence, state.commands_issued);
+    let command = TopUpCommand {
+        command_id: id.clone(),
+        subscriber_id: state.subscriber.to_string(),
+        amount: Some(amount.to_wire()),
+        payment_methods: rule.wire.payment_methods.clone(),
+        idempotency_key: idempotency_key(&id),
+        cause_event_id: format!("{}/{}", state.subscriber, balance.sequence),
+        cause_sequence: balance.sequence,
+        carrier_id: if balance.carrier_id.is_empty() {
+            rule.carrier_id.clone()
+        } else {
+            balance.carrier_id.clone()
+        },
+        observed_at: balance.observed_at,
+        issued_at: Some(now),
+        locale: rule.locale.clone(),
+        channels: rule.wire.channels.clone(),
+    };
+    let mut started = notify(state, rule, NotificationKind::TopUpStarted, &id, now);
+    started.command_id = id.clone();
+    started.amount = Some(amount.to_wire());
+    state.in_flight = Some(InFlight {
+        command_id: id,
+        amount,
+        cause_sequence: balance.sequence,
+        issued_day: day,
+        issued_month: month,
+    });
+    state.caps.topups_today += 1;
+    state.caps.amount_this_month = state.caps.amount_this_month.saturating_add(amount.minor);
+    state.commands_issued += 1;
+    effects.push(Effect::Command(command));
+    effects.push(Effect::Notify(started));
+}
+
+fn remind_if_due(
+    state: &mut SubscriberState,
+    origin: &str,
+    now: Timestamp,
+    settings: &Settings,
+    effects: &mut Vec<Effect>,
+) {
+    if state.rule.as_ref().is_some_and(Rule::is_active) {
+        return;
+    }
+    let Some(balance) = &state.balance else { return };
+    let level = state.rule.as_ref().map_or(settings.reminder_level_minor, |r| r.threshold.minor);
+    if balance.money.minor >= level {
+        state.reminder_armed = true;
+        return;
+    }
+    if !state.reminder_armed {
+        return;
+    }
+    state.reminder_armed = false;
+    let kind = NotificationKind::LowBalance;
+    let mut reminder = NotificationCommand {
+        notification_id: notification_id(&state.subscriber, origin, kind.as_str_name()),
+        subscriber_id: state.subscriber.to_string(),
+        kind: kind as i32,
+        locale: "en".into(),
+        created_at: Some(now),
+        balance: Some(balance.money.to_wire()),
+        threshold: Some(Money::new(balance.money.currency, level).to_wire()),
+        parameters: HashMap::new(),
+        ..Default::default()
+    };
+    if let Some(rule) = &state.rule {
+        reminder.locale = rule.locale.clone();
+        reminder.channels = rule.wire.channels.clone();
+    }
+    effects.push(Effect::Notify(reminder));
+}
+
+fn notify(
+    state: &SubscriberState,
+    rule: &Rule,
+    kind: NotificationKind,
+    about: &str,
+    now: Timestamp,
+) -> NotificationCommand {
+    NotificationCommand {
+        notification_id: notification_id(&state.subscriber, about, kind.as_str_name()),
+        subscriber_id: state.subscriber.to_string(),
+        kind: kind as i32,
+        locale: rule.locale.clone(),
+        channels: rule.wire.channels.clone(),
+        parameters: HashMap::new(),
+        urgent: false,
+        created_at: Some(now),
+        command_id: String::new(),
+        amount: None,
+        balance: state.balance.as_ref().map(|b| b.money.to_wire()),
+        threshold: Some(rule.threshold.to_wire()),
+    }
+}

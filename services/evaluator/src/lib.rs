@@ -1,0 +1,80 @@
+//! Threshold evaluator: consumes balances, rules and results (co-partitioned by subscriber),
+//! keeps each subscriber's state in a changelog, and issues top-up commands and
+//! notifications — all inside one Kafka transaction per batch.
+//!
+//! Where to look: [`decide`] makes the decision (pure); [`processor`] moves records in and
+//! out; [`state`] is the changelog format.
+
+pub mod decide;
+pub mod metrics;
+pub mod processor;
+pub mod state;
+
+use tokio_util::sync::CancellationToken;
+use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
+use topup_proto::topics;
+
+pub use decide::Settings;
+pub use processor::Evaluator;
+
+/// `topup-evaluator` settings; `--help` lists them with their environment variables.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Kafka connection.
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Consumer group of all evaluator instances.
+    #[arg(long = "evaluator-group", env = "EVALUATOR_GROUP", default_value = "topup-evaluator")]
+    pub group_id: String,
+
+    /// Transactional id prefix; unique per instance (defaults to one derived from the host
+    /// name and process id).
+    #[arg(long = "evaluator-transactional-id", env = "EVALUATOR_TRANSACTIONAL_ID")]
+    pub transactional_id: Option<String>,
+
+    /// Most records processed per transaction.
+    #[arg(long = "evaluator-max-batch", env = "EVALUATOR_MAX_BATCH", default_value_t = 500)]
+    pub max_batch: usize,
+
+    /// Low-balance reminder level, in minor units of the balance's currency, for
+    /// subscribers without a rule.
+    #[arg(long, env = "REMINDER_LEVEL_MINOR", default_value_t = 500)]
+    pub reminder_level_minor: i64,
+}
+
+impl Config {
+    /// Defaults, connected to `kafka`.
+    pub fn new(kafka: KafkaArgs) -> Self {
+        Self {
+            kafka,
+            group_id: "topup-evaluator".into(),
+            transactional_id: None,
+            max_batch: 500,
+            reminder_level_minor: 500,
+        }
+    }
+}
+
+/// A transactional id unique to this process.
+pub fn instance_id(service: &str) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("{service}-{host}-{}", std::process::id())
+}
+
+/// Runs the evaluator until `shutdown` is cancelled.
+pub async fn run(config: Config, shutdown: CancellationToken) -> topup_kafka::Result<()> {
+    let spec = PipelineSpec {
+        service: "topup-evaluator",
+        group_id: config.group_id.clone(),
+        transactional_id: config
+            .transactional_id
+            .clone()
+            .unwrap_or_else(|| instance_id("topup-evaluator")),
+        inputs: vec![topics::BALANCE, topics::RULES, topics::RESULTS],
+        max_batch: config.max_batch,
+        kafka: config.kafka.clone(),
+    };
+    let settings = Settings { reminder_level_minor: config.reminder_level_minor };
+    run_pipeline(spec, || Evaluator::new(config.kafka.clone(), settings), shutdown).await
+}

@@ -1,0 +1,103 @@
+//! Kafka client settings, the same for the mock cluster and a real broker.
+use rdkafka::ClientConfig;
+
+/// The Java client's default partitioner: a subscriber's records land on the same partition
+/// number whichever client (ours, a carrier's Java integration) produced them, which keeps
+/// the evaluator's input topics co-partitioned.
+const PARTITIONER: &str = "murmur2_random";
+
+/// Connection settings shared by every service (`--help` lists them with defaults).
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers (host:port, comma-separated).
+    #[arg(long = "kafka-brokers", env = "KAFKA_BROKERS", default_value = "localhost:9092")]
+    pub brokers: String,
+
+    /// Consumer group session timeout. A crashed instance's partitions move to the others
+    /// after this long.
+    #[arg(long, env = "KAFKA_SESSION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub session_timeout_ms: u32,
+
+    /// Transaction timeout: an abandoned transaction of a crashed instance is aborted by
+    /// the broker after this long, which bounds how long read_committed readers wait.
+    #[arg(long, env = "KAFKA_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000)]
+    pub transaction_timeout_ms: u32,
+
+    /// Extra librdkafka properties (`key=value`, comma-separated), e.g.
+    /// `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`.
+    #[arg(long = "kafka-property", env = "KAFKA_PROPERTIES", value_delimiter = ',')]
+    pub properties: Vec<String>,
+}
+
+impl KafkaArgs {
+    /// Settings for `brokers` with every default.
+    pub fn new(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            session_timeout_ms: 10_000,
+            transaction_timeout_ms: 10_000,
+            properties: Vec::new(),
+        }
+    }
+
+    fn base(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for property in &self.properties {
+            if let Some((key, value)) = property.split_once('=') {
+                config.set(key.trim(), value.trim());
+            }
+        }
+        config
+    }
+
+    /// A group consumer that commits nothing by itself, reads only committed transactions
+    /// and uses the range assignor: with co-partitioned topics, every member gets the same
+    /// partition numbers of each topic it subscribes to.
+    pub fn group_consumer(&self, group_id: &str) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed")
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", self.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", (self.session_timeout_ms / 5).max(100).to_string());
+        config
+    }
+
+    /// A consumer outside any group, for reading partitions by hand (restores, tools).
+    pub fn reader(&self) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("group.id", "topup-reader")
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("isolation.level", "read_committed");
+        config
+    }
+
+    /// A transactional producer (idempotent, acks=all).
+    pub fn transactional_producer(&self, transactional_id: &str) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("transactional.id", transactional_id)
+            .set("enable.idempotence", "true")
+            .set("transaction.timeout.ms", self.transaction_timeout_ms.to_string())
+            .set("partitioner", PARTITIONER)
+            .set("linger.ms", "1");
+        config
+    }
+
+    /// A plain idempotent producer, for tools and simulators outside the exactly-once loop.
+    pub fn producer(&self) -> ClientConfig {
+        let mut config = self.base();
+        config
+            .set("enable.idempotence", "true")
+            .set("partitioner", PARTITIONER)
+            .set("linger.ms", "1");
+        config
+    }
+}

@@ -1,0 +1,22 @@
+//! The one error type of the Kafka plumbing.
+
+/// What can go wrong talking to Kafka. All of these end the current pipeline incarnation;
+/// the pipeline then starts afresh (new consumer, new producer, state restored).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A client call failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A blocking client call could not be run.
+    #[error("blocking kafka call did not complete: {0}")]
+    Join(#[from] tokio::task::JoinError),
+    /// Something took longer than its deadline.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// A processor could not rebuild its state.
+    #[error("restoring state: {0}")]
+    Restore(String),
+}
+
+/// Result with this crate's error.
+pub type Result<T> = std::result::Result<T, Error>;

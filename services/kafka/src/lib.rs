@@ -1,0 +1,19 @@
+//! Kafka plumbing shared by every service: client settings, the topics and their
+//! partitioning, and the transactional consume → process → produce loop that commits
+//! input offsets and outputs together (exactly-once within Kafka), with dead-lettering.
+
+mod config;
+mod error;
+mod pipeline;
+mod record;
+mod restore;
+mod runtime;
+mod topics;
+
+pub use config::KafkaArgs;
+pub use error::{Error, Result};
+pub use pipeline::{run_pipeline, PipelineSpec, Processor, Refusal};
+pub use record::{dead_letter, decode, now_timestamp, Input, Output};
+pub use restore::read_partition_to_end;
+pub use runtime::{init_logging, shutdown_on_signal};
+pub use topics::{create_topics, create_topics_on_mock, TopicSpec, DEFAULT_PARTITIONS};

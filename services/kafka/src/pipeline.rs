@@ -1,0 +1,325 @@
+//! The consume → process → produce loop every service runs. One batch of input records
+//! is processed inside one Kafka transaction that also carries the batch's input offsets,
+//! so outputs and progress are committed together or not at all (exactly-once within
+//! Kafka). Shape after rust-rdkafka's `examples/at_least_once.rs` and
+//! `tests/test_transactions.rs`.
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::record::{dead_letter, Input, Output};
+use crate::{Error, KafkaArgs, Result};
+
+/// How long a transactional call may block before the incarnation is given up.
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a record was not used: it goes to the dead-letter topic with this reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal(pub String);
+
+impl Refusal {
+    /// A refusal with a reason for a human.
+    pub fn new(reason: impl Into<String>) -> Self {
+        Self(reason.into())
+    }
+}
+
+impl<E: std::fmt::Display> From<E> for Refusal
+where
+    E: std::error::Error,
+{
+    fn from(error: E) -> Self {
+        Self(error.to_string())
+    }
+}
+
+/// The business part of a service. The pipeline calls it one record at a time, in
+/// partition order, and commits what it returns together with the record's offset.
+pub trait Processor: Send {
+    /// Partitions (numbers, the same across co-partitioned input topics) were assigned to
+    /// this instance: rebuild their state before any of their records arrive.
+    fn assigned(&mut self, partitions: &BTreeSet<i32>) -> impl Future<Output = Result<()>> + Send {
+        let _ = partitions;
+        async { Ok(()) }
+    }
+
+    /// Partitions were taken away: forget their state.
+    fn revoked(&mut self, partitions: &BTreeSet<i32>) {
+        let _ = partitions;
+    }
+
+    /// Processes one record, pushing the records to produce into `out`. A refusal sends the
+    /// input to the dead-letter topic instead (and discards `out`).
+    fn process(
+        &mut self,
+        input: &Input,
+        out: &mut Vec<Output>,
+    ) -> impl Future<Output = std::result::Result<(), Refusal>> + Send;
+}
+
+/// What a pipeline consumes and as whom.
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    /// Service name, used in dead letters and logs.
+    pub service: &'static str,
+    /// Consumer group.
+    pub group_id: String,
+    /// Transactional id prefix; each incarnation appends a counter.
+    pub transactional_id: String,
+    /// Topics consumed (co-partitioned when more than one).
+    pub inputs: Vec<&'static str>,
+    /// Most records processed in one transaction.
+    pub max_batch: usize,
+    /// Connection settings.
+    pub kafka: KafkaArgs,
+}
+
+#[derive(Debug)]
+enum RebalanceEvent {
+    Assigned(BTreeSet<i32>),
+    Revoked(BTreeSet<i32>),
+}
+
+/// Records rebalances as they happen inside `poll`, so the loop can act on them between
+/// records: restore state for new partitions, drop records of revoked ones.
+#[derive(Default)]
+struct RebalanceLog {
+    events: Mutex<Vec<RebalanceEvent>>,
+}
+
+fn partitions_of(list: &TopicPartitionList) -> BTreeSet<i32> {
+    list.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ClientContext for RebalanceLog {}
+
+impl ConsumerContext for RebalanceLog {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let event = match rebalance {
+            Rebalance::Assign(list) => RebalanceEvent::Assigned(partitions_of(list)),
+            Rebalance::Revoke(list) => RebalanceEvent::Revoked(partitions_of(list)),
+            Rebalance::Error(e) => {
+                tracing::warn!(error = %e, "rebalance error");
+                return;
+            }
+        };
+        if let Ok(mut events) = self.events.lock() {
+            events.push(event);
+        }
+    }
+}
+
+impl RebalanceLog {
+    fn take(&self) -> Vec<RebalanceEvent> {
+        self.events.lock().map(|mut e| std::mem::take(&mut *e)).unwrap_or_default()
+    }
+
+    fn pending(&self) -> bool {
+        self.events.lock().map(|e| !e.is_empty()).unwrap_or(false)
+    }
+}
+
+/// Runs the pipeline until `shutdown` is cancelled. A Kafka failure ends only the current
+/// incarnation: after a backoff a new consumer and producer start, and the processor
+/// (made afresh by `make_processor`) rebuilds its state from its assigned partitions.
+pub async fn run_pipeline<P, F>(
+    spec: PipelineSpec,
+    make_processor: F,
+    shutdown: CancellationToken,
+) -> Result<()>
+where
+    P: Processor,
+    F: Fn() -> P,
+{
+    let mut backoff = Duration::from_millis(500);
+    for incarnation in 0u64.. {
+        let processor = make_processor();
+        match run_incarnation(&spec, incarnation, processor, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                tracing::error!(service = spec.service, %error, ?backoff, "pipeline failed; restarting");
+                tokio::select! {
+                    // Shutting down while backing off: nothing is in flight, stop now.
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::result::Result<T, KafkaError> + Send + 'static,
+) -> Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await??)
+}
+
+async fn run_incarnation<P: Processor>(
+    spec: &PipelineSpec,
+    incarnation: u64,
+    mut processor: P,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    let consumer: StreamConsumer<RebalanceLog> =
+        spec.kafka.group_consumer(&spec.group_id).create_with_context(RebalanceLog::default())?;
+    let producer: Arc<BaseProducer> = Arc::new(
+        spec.kafka
+            .transactional_producer(&format!("{}-{incarnation}", spec.transactional_id))
+            .create()?,
+    );
+    {
+        let producer = producer.clone();
+        blocking(move || producer.init_transactions(TXN_TIMEOUT)).await?;
+    }
+    consumer.subscribe(&spec.inputs)?;
+    tracing::info!(service = spec.service, inputs = ?spec.inputs, group = %spec.group_id, "pipeline started");
+
+    loop {
+        let first = tokio::select! {
+            biased;
+            // Between batches nothing is in flight: stopping here loses nothing.
+            _ = shutdown.cancelled() => break,
+            message = consumer.recv() => message.map(|m| Input::from_message(&m)),
+        };
+        let mut batch = match first {
+            Ok(input) => vec![input],
+            Err(error) => {
+                tracing::warn!(service = spec.service, %error, "consumer error");
+                continue;
+            }
+        };
+        // Take what is already buffered, without waiting, up to the batch size.
+        while batch.len() < spec.max_batch {
+            if consumer.context().pending() {
+                break;
+            }
+            match consumer.recv().now_or_never() {
+                Some(Ok(message)) => batch.push(Input::from_message(&message)),
+                Some(Err(error)) => {
+                    tracing::warn!(service = spec.service, %error, "consumer error");
+                    break;
+                }
+                None => break,
+            }
+        }
+        let events = consumer.context().take();
+        if !events.is_empty() {
+            // A rebalance happened while the batch was read. Records read before it belong
+            // to the old assignment: drop them, they are fetched again from the committed
+            // offset by whoever owns their partition now. Keep only what came after.
+            let owned = current_partitions(&consumer)?;
+            batch.retain(|input| owned.contains(&input.partition));
+            for event in events {
+                match event {
+                    RebalanceEvent::Revoked(partitions) => {
+                        tracing::info!(service = spec.service, ?partitions, "partitions revoked");
+                        processor.revoked(&partitions);
+                    }
+                    RebalanceEvent::Assigned(partitions) => {
+                        tracing::info!(service = spec.service, ?partitions, "partitions assigned");
+                        processor.assigned(&partitions).await?;
+                    }
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+        }
+        process_batch(spec, &consumer, &producer, &mut processor, &batch).await?;
+    }
+    tracing::info!(service = spec.service, "pipeline stopped");
+    Ok(())
+}
+
+fn current_partitions(consumer: &StreamConsumer<RebalanceLog>) -> Result<BTreeSet<i32>> {
+    Ok(partitions_of(&consumer.assignment()?))
+}
+
+async fn process_batch<P: Processor>(
+    spec: &PipelineSpec,
+    consumer: &StreamConsumer<RebalanceLog>,
+    producer: &Arc<BaseProducer>,
+    processor: &mut P,
+    batch: &[Input],
+) -> Result<()> {
+    producer.begin_transaction()?;
+    let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    let mut out = Vec::new();
+    for input in batch {
+        out.clear();
+        if let Err(Refusal(reason)) = processor.process(input, &mut out).await {
+            tracing::warn!(
+                service = spec.service,
+                topic = %input.topic,
+                partition = input.partition,
+                offset = input.offset,
+                %reason,
+                "record refused; sent to the dead-letter topic"
+            );
+            out.clear();
+            out.push(dead_letter(input, spec.service, &reason));
+        }
+        for output in &out {
+            send(producer, output).await?;
+        }
+        offsets.insert((input.topic.as_str(), input.partition), input.offset + 1);
+    }
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        list.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+    }
+    let metadata = consumer
+        .group_metadata()
+        .ok_or_else(|| Error::Timeout("consumer has no group metadata yet".into()))?;
+    let txn = producer.clone();
+    let committed = blocking(move || {
+        txn.send_offsets_to_transaction(&list, &metadata, TXN_TIMEOUT)?;
+        txn.commit_transaction(TXN_TIMEOUT)
+    })
+    .await;
+    if let Err(error) = committed {
+        // The outputs are discarded and the offsets not advanced; the processor's memory
+        // is now ahead of Kafka, so this incarnation ends and the next one restores it.
+        let txn = producer.clone();
+        let _ = blocking(move || txn.abort_transaction(TXN_TIMEOUT)).await;
+        return Err(error);
+    }
+    Ok(())
+}
+
+async fn send(producer: &BaseProducer, output: &Output) -> Result<()> {
+    let mut headers = OwnedHeaders::new();
+    for (key, value) in &output.headers {
+        headers = headers.insert(Header { key, value: Some(value) });
+    }
+    loop {
+        let mut record =
+            BaseRecord::<[u8], [u8]>::to(output.topic).key(&output.key).headers(headers.clone());
+        if let Some(payload) = &output.payload {
+            record = record.payload(payload);
+        }
+        if let Some(partition) = output.partition {
+            record = record.partition(partition);
+        }
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                // Backpressure: serve delivery reports to make room, then try again.
+                producer.poll(Duration::from_millis(10));
+                tokio::task::yield_now().await;
+            }
+            Err((error, _)) => return Err(error.into()),
+        }
+    }
+}

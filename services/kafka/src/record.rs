@@ -1,0 +1,167 @@
+//! Records in and out of a pipeline, decoding, and dead letters.
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use rdkafka::message::{Headers, Message};
+use topup_proto::{v1::DeadLetter, Timestamp};
+
+use crate::pipeline::Refusal;
+
+/// Largest record value a service decodes; anything bigger is dead-lettered unread.
+pub(crate) const MAX_RECORD_BYTES: usize = 1 << 20;
+
+/// A consumed record, detached from the consumer.
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// Source topic.
+    pub topic: String,
+    /// Source partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+    /// Record key (the subscriber id), if any.
+    pub key: Option<Vec<u8>>,
+    /// Record value, if any.
+    pub payload: Option<Vec<u8>>,
+    /// Record timestamp in milliseconds since the epoch, when the broker gave one.
+    pub timestamp_ms: Option<i64>,
+    /// Record headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Input {
+    /// Copies a borrowed message out of the consumer.
+    pub fn from_message<M: Message>(message: &M) -> Self {
+        let headers = message
+            .headers()
+            .map(|hs| {
+                hs.iter()
+                    .map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Self {
+            topic: message.topic().to_string(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            timestamp_ms: message.timestamp().to_millis(),
+            headers,
+        }
+    }
+
+    /// The key as text, if it is UTF-8.
+    pub fn key_str(&self) -> Option<&str> {
+        self.key.as_deref().and_then(|k| std::str::from_utf8(k).ok())
+    }
+
+    /// The record's time: the broker timestamp, else now. Deterministic on replay when the
+    /// broker sets timestamps, which is what decisions depending on "today" should use.
+    pub fn time(&self) -> Timestamp {
+        match self.timestamp_ms {
+            Some(ms) if ms >= 0 => Timestamp {
+                seconds: ms / 1000,
+                nanos: i32::try_from((ms % 1000) * 1_000_000).unwrap_or(0),
+            },
+            _ => now_timestamp(),
+        }
+    }
+}
+
+/// A record to produce inside the current transaction.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// Destination topic.
+    pub topic: &'static str,
+    /// Explicit partition (state changelogs follow their input partition); `None` = by key.
+    pub partition: Option<i32>,
+    /// Record key (the subscriber id).
+    pub key: Vec<u8>,
+    /// Encoded value; `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    /// Headers (trace context travels here).
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Output {
+    /// A protobuf message keyed by `key`.
+    pub fn message(topic: &'static str, key: &str, message: &impl prost::Message) -> Self {
+        Self {
+            topic,
+            partition: None,
+            key: key.as_bytes().to_vec(),
+            payload: Some(message.encode_to_vec()),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A tombstone for `key` (compacted topics forget it).
+    pub fn tombstone(topic: &'static str, key: &str) -> Self {
+        Self {
+            topic,
+            partition: None,
+            key: key.as_bytes().to_vec(),
+            payload: None,
+            headers: Vec::new(),
+        }
+    }
+}
+
+/// Decodes a protobuf value and checks that the record is keyed by the subscriber it is
+/// about (co-partitioning depends on it). Failures are refusals with a reason.
+pub fn decode<T: prost::Message + Default>(
+    input: &Input,
+    subscriber_id: impl Fn(&T) -> &str,
+) -> Result<T, Refusal> {
+    let payload = input.payload.as_deref().ok_or_else(|| Refusal::new("record has no value"))?;
+    if payload.len() > MAX_RECORD_BYTES {
+        return Err(Refusal::new(format!(
+            "value is {} bytes, larger than the {MAX_RECORD_BYTES} bytes accepted",
+            payload.len()
+        )));
+    }
+    let message = T::decode(payload).map_err(|e| {
+        Refusal::new(format!("value is not a valid {}: {e}", std::any::type_name::<T>()))
+    })?;
+    let subscriber = subscriber_id(&message);
+    match input.key_str() {
+        Some(key) if key == subscriber => Ok(message),
+        Some(key) => Err(Refusal::new(format!(
+            "record key {key:?} differs from subscriber_id {subscriber:?}"
+        ))),
+        None => Err(Refusal::new(format!(
+            "record has no UTF-8 key; expected the subscriber id {subscriber:?}"
+        ))),
+    }
+}
+
+/// The dead letter for `input`: its original bytes, where it came from, and why.
+pub fn dead_letter(input: &Input, service: &str, reason: &str) -> Output {
+    let letter = DeadLetter {
+        original_key: input.key.clone().unwrap_or_default(),
+        original_value: input.payload.clone().unwrap_or_default(),
+        source_topic: input.topic.clone(),
+        source_partition: input.partition,
+        source_offset: input.offset,
+        reason: reason.to_string(),
+        service: service.to_string(),
+        failed_at: Some(now_timestamp()),
+    };
+    Output {
+        topic: topup_proto::topics::DLQ,
+        partition: None,
+        key: input.key.clone().unwrap_or_default(),
+        payload: Some(letter.encode_to_vec()),
+        headers: input.headers.clone(),
+    }
+}
+
+/// The wall clock as a protobuf timestamp.
+pub fn now_timestamp() -> Timestamp {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    Timestamp {
+        seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+    }
+}

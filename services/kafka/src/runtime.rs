@@ -1,0 +1,46 @@
+//! Process plumbing every binary shares: logging and the shutdown signal.
+use tokio_util::sync::CancellationToken;
+
+/// Readable log lines on stderr; `RUST_LOG` filters (default `info`, Kafka client chatter
+/// at `warn`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM: services finish their batch and stop.
+pub fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        // Ctrl-C at a terminal.
+                        _ = tokio::signal::ctrl_c() => {}
+                        // SIGTERM from a container runtime.
+                        _ = term.recv() => {}
+                    }
+                }
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown requested; finishing the current batch");
+        cancel.cancel();
+    });
+    token
+}

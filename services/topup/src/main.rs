@@ -1,0 +1,128 @@
+//! `topup`: every service in one process. With no configuration it starts an in-process
+//! Kafka (librdkafka's mock cluster) and a carrier simulator, and shows the loop.
+use std::time::Duration;
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use topup::{embedded::EmbeddedKafka, simulator, summary::Summary};
+use topup_kafka::{KafkaArgs, TopicSpec, DEFAULT_PARTITIONS};
+
+/// Runs the whole auto top-up loop in one process.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// Use this Kafka (host:port,...) instead of starting an in-process one.
+    #[arg(long, env = "KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Partitions per topic when creating topics.
+    #[arg(long, env = "TOPIC_PARTITIONS", default_value_t = DEFAULT_PARTITIONS)]
+    partitions: i32,
+    /// Do not start the carrier simulator (process only what outside clients publish).
+    #[arg(long)]
+    no_simulator: bool,
+    /// Subscribers the simulator plays.
+    #[arg(long, env = "SIM_SUBSCRIBERS", default_value_t = 300)]
+    subscribers: usize,
+    /// Stop after this many seconds and print a summary.
+    #[arg(long)]
+    duration_secs: Option<u64>,
+    /// Stop after the evaluator has consumed this many balance events, with a summary.
+    #[arg(long)]
+    max_events: Option<u64>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    topup_kafka::init_logging();
+    let shutdown = topup_kafka::shutdown_on_signal();
+
+    // The embedded cluster lives as long as `main`; it is dropped after the services stop.
+    let (embedded, kafka) = match &cli.kafka_brokers {
+        Some(brokers) => {
+            let kafka = KafkaArgs::new(brokers.clone());
+            topup_kafka::create_topics(&kafka, &TopicSpec::all(cli.partitions), 1).await?;
+            (None, kafka)
+        }
+        None => {
+            let embedded = EmbeddedKafka::start(cli.partitions)?;
+            let kafka = KafkaArgs::new(embedded.bootstrap_servers());
+            (Some(embedded), kafka)
+        }
+    };
+    println!("Kafka bootstrap servers: {}", kafka.brokers);
+    println!("  watch:   kcat -b {} -C -t topup.commands.v1 -f '%k %s\\n'", kafka.brokers);
+    println!("  Ctrl-C stops cleanly.\n");
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks
+        .spawn(topup_evaluator::run(topup_evaluator::Config::new(kafka.clone()), shutdown.clone()));
+    tasks.spawn(topup_payment_worker::run(
+        topup_payment_worker::Config::new(kafka.clone()),
+        topup_payment_worker::Sandbox::new(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(topup_notifier::run(
+        topup_notifier::Config::new(kafka.clone()),
+        topup_notifier::Console,
+        shutdown.clone(),
+    ));
+    let simulator = (!cli.no_simulator).then(|| {
+        let config = simulator::SimulatorConfig {
+            subscribers: cli.subscribers.max(1),
+            ..Default::default()
+        };
+        tokio::spawn(simulator::run(kafka.clone(), config, shutdown.clone()))
+    });
+
+    wait_for_stop(&shutdown, cli.duration_secs, cli.max_events).await;
+    shutdown.cancel();
+    let deadline = tokio::time::sleep(Duration::from_secs(20));
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            joined = tasks.join_next() => match joined {
+                Some(Ok(Err(e))) => eprintln!("a service stopped with an error: {e}"),
+                Some(Err(e)) => eprintln!("a service panicked: {e}"),
+                Some(Ok(Ok(()))) => {}
+                None => break,
+            },
+            // A service that does not drain in time is abandoned rather than hanging the exit.
+            _ = &mut deadline => { eprintln!("services did not stop within 20 s"); break; }
+        }
+    }
+    if let Some(simulator) = simulator {
+        simulator.abort();
+    }
+    println!("\n{}", Summary::now());
+    drop(embedded);
+    Ok(())
+}
+
+async fn wait_for_stop(
+    shutdown: &CancellationToken,
+    duration_secs: Option<u64>,
+    max_events: Option<u64>,
+) {
+    let until = async {
+        match duration_secs {
+            Some(s) => tokio::time::sleep(Duration::from_secs(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let enough_events = async {
+        let Some(max) = max_events else { return std::future::pending().await };
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            every.tick().await;
+            if Summary::now().events_in >= max {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = until => {}
+        _ = enough_events => {}
+    }
+}

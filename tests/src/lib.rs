@@ -1,0 +1,222 @@
+//! Test harness: the platform on a fresh mock cluster, publishing helpers, and readers that
+//! wait for records with a deadline (never a sleep).
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use topup::embedded::EmbeddedKafka;
+use topup_kafka::{read_partition_to_end, KafkaArgs};
+use topup_proto::v1::{
+    auto_top_up_rule::TopUp, AutoTopUpRule, BalanceUpdated, ChannelKind, Money,
+    NotificationChannel, PaymentMethod, PaymentMethodKind, RuleState, RuleUpdated,
+};
+use topup_proto::Message as _;
+
+/// Partitions of every topic in tests.
+pub const PARTITIONS: i32 = 4;
+
+/// How long any single wait in a test may take.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// The platform running on its own mock cluster.
+pub struct Platform {
+    /// The cluster (dropped last).
+    pub kafka_cluster: EmbeddedKafka,
+    /// Connection settings for clients of the test.
+    pub kafka: KafkaArgs,
+    /// Stops the services.
+    pub shutdown: CancellationToken,
+    /// The services.
+    pub services: JoinSet<topup_kafka::Result<()>>,
+    /// The sandbox gateway, to count charges.
+    pub gateway: topup_payment_worker::Sandbox,
+    producer: FutureProducer,
+}
+
+impl Platform {
+    /// A cluster with the topics, and nothing running yet.
+    pub fn cluster() -> anyhow::Result<Self> {
+        let kafka_cluster = EmbeddedKafka::start(PARTITIONS)?;
+        let mut kafka = KafkaArgs::new(kafka_cluster.bootstrap_servers());
+        // Short timeouts, so restarts and rebalances in tests take seconds (KAFKA-NOTES.md).
+        kafka.session_timeout_ms = 6_000;
+        kafka.transaction_timeout_ms = 6_000;
+        let producer = kafka.producer().create()?;
+        Ok(Self {
+            kafka_cluster,
+            kafka,
+            shutdown: CancellationToken::new(),
+            services: JoinSet::new(),
+            gateway: topup_payment_worker::Sandbox::new(),
+            producer,
+        })
+    }
+
+    /// A cluster with the evaluator, the payment worker and the notifier running.
+    pub fn start() -> anyhow::Result<Self> {
+        let mut platform = Self::cluster()?;
+        platform.start_evaluator();
+        let kafka = platform.kafka.clone();
+        platform.services.spawn(topup_payment_worker::run(
+            topup_payment_worker::Config::new(kafka.clone()),
+            platform.gateway.clone(),
+            platform.shutdown.clone(),
+        ));
+        platform.services.spawn(topup_notifier::run(
+            topup_notifier::Config::new(kafka),
+            topup_notifier::Console,
+            platform.shutdown.clone(),
+        ));
+        Ok(platform)
+    }
+
+    /// Starts (another) evaluator instance.
+    pub fn start_evaluator(&mut self) {
+        let config = topup_evaluator::Config::new(self.kafka.clone());
+        self.services.spawn(topup_evaluator::run(config, self.shutdown.clone()));
+    }
+
+    /// Stops every service and waits (bounded) for them.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        tokio::time::timeout(WAIT, async {
+            while let Some(joined) = self.services.join_next().await {
+                joined??;
+            }
+            anyhow::Ok(())
+        })
+        .await
+        .context("services did not stop in time")??;
+        Ok(())
+    }
+
+    /// Publishes raw bytes.
+    pub async fn publish_raw(&self, topic: &str, key: &str, value: &[u8]) -> anyhow::Result<()> {
+        self.producer
+            .send(FutureRecord::to(topic).key(key).payload(value), WAIT)
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("publish to {topic}: {e}"))?;
+        Ok(())
+    }
+
+    /// Publishes a rule.
+    pub async fn publish_rule(&self, rule: AutoTopUpRule) -> anyhow::Result<()> {
+        let key = rule.subscriber_id.clone();
+        let update = RuleUpdated { rule: Some(rule), updated_at: None };
+        self.publish_raw(topup_proto::topics::RULES, &key, &update.encode_to_vec()).await
+    }
+
+    /// Publishes a balance in CNY fen.
+    pub async fn publish_balance(
+        &self,
+        subscriber: &str,
+        amount_minor: i64,
+        sequence: u64,
+    ) -> anyhow::Result<()> {
+        let event = BalanceUpdated {
+            subscriber_id: subscriber.into(),
+            carrier_id: "test-carrier".into(),
+            balance: Some(cny(amount_minor)),
+            sequence,
+            observed_at: Some(topup_kafka::now_timestamp()),
+            event_id: String::new(),
+        };
+        self.publish_raw(topup_proto::topics::BALANCE, subscriber, &event.encode_to_vec()).await
+    }
+
+    /// A reader of `topic` from the beginning, committed records only.
+    pub fn reader<T: topup_proto::Message + Default>(
+        &self,
+        topic: &'static str,
+    ) -> anyhow::Result<Reader<T>> {
+        Reader::new(&self.kafka, topic)
+    }
+
+    /// Every committed record of `topic` that exists now, decoded.
+    pub async fn read_all<T: topup_proto::Message + Default>(
+        &self,
+        topic: &'static str,
+    ) -> anyhow::Result<Vec<T>> {
+        let mut all = Vec::new();
+        for partition in 0..PARTITIONS {
+            let kafka = self.kafka.clone();
+            let records = tokio::task::spawn_blocking(move || {
+                read_partition_to_end(&kafka, topic, partition, WAIT)
+            })
+            .await??;
+            for record in records {
+                all.push(T::decode(record.payload.as_deref().unwrap_or_default())?);
+            }
+        }
+        Ok(all)
+    }
+}
+
+/// Money in CNY fen.
+pub fn cny(amount_minor: i64) -> Money {
+    Money { currency: "CNY".into(), amount_minor }
+}
+
+/// An active rule: below 10.00 CNY, charge 50.00 CNY to `token`.
+pub fn rule(subscriber: &str, token: &str, state: RuleState) -> AutoTopUpRule {
+    AutoTopUpRule {
+        subscriber_id: subscriber.into(),
+        threshold: Some(cny(1000)),
+        top_up: Some(TopUp::Amount(cny(5000))),
+        payment_methods: vec![PaymentMethod {
+            token: token.into(),
+            kind: PaymentMethodKind::Card as i32,
+            label: "•••• 4242".into(),
+            expires: "2030-01".into(),
+        }],
+        state: state as i32,
+        locale: "zh-CN".into(),
+        channels: vec![NotificationChannel {
+            kind: ChannelKind::Sms as i32,
+            address: "+86 13812345678".into(),
+        }],
+        max_topups_per_day: 0,
+        max_amount_per_month: None,
+        carrier_id: "test-carrier".into(),
+    }
+}
+
+/// Reads a topic from the beginning and keeps everything it has read.
+pub struct Reader<T> {
+    consumer: StreamConsumer,
+    topic: &'static str,
+    /// Records read so far.
+    pub seen: Vec<T>,
+}
+
+impl<T: topup_proto::Message + Default> Reader<T> {
+    fn new(kafka: &KafkaArgs, topic: &'static str) -> anyhow::Result<Self> {
+        let consumer: StreamConsumer = kafka.reader().create()?;
+        let mut assignment = TopicPartitionList::new();
+        for partition in 0..PARTITIONS {
+            assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+        }
+        consumer.assign(&assignment)?;
+        Ok(Self { consumer, topic, seen: Vec::new() })
+    }
+
+    /// Reads until some record read so far satisfies `found`, or fails after [`WAIT`].
+    pub async fn wait_for(&mut self, what: &str, found: impl Fn(&T) -> bool) -> anyhow::Result<&T> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(index) = self.seen.iter().position(&found) {
+                return Ok(&self.seen[index]);
+            }
+            let message = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(message) => message?,
+                Err(_) => bail!("timed out after {WAIT:?} waiting on {} for {what}", self.topic),
+            };
+            self.seen.push(T::decode(message.payload().unwrap_or_default())?);
+        }
+    }
+}
