@@ -379,3 +379,7 @@ fn notify(
         threshold: Some(rule.threshold.to_wire()),
     }
 }
+
+#[cfg(test)]
+#[path = "decide_tests.rs"]
+mod tests;

@@ -1,0 +1,347 @@
+//! Unit and property tests of the pure decision.
+use proptest::prelude::*;
+use topup_domain::{BalanceObservation, Currency, Money, Rule, SubscriberId, TopUpOutcome};
+use topup_proto::v1::{self as wire, NotificationKind};
+use topup_proto::Timestamp;
+
+use super::*;
+
+const NOW: Timestamp = Timestamp { seconds: 1_790_000_000, nanos: 0 };
+
+fn sub() -> SubscriberId {
+    SubscriberId::parse("sub-1").unwrap()
+}
+
+fn cny(minor: i64) -> wire::Money {
+    wire::Money { currency: "CNY".into(), amount_minor: minor }
+}
+
+fn wire_rule(state: wire::RuleState) -> wire::AutoTopUpRule {
+    wire::AutoTopUpRule {
+        subscriber_id: "sub-1".into(),
+        threshold: Some(cny(1000)),
+        top_up: Some(wire::auto_top_up_rule::TopUp::Amount(cny(5000))),
+        payment_methods: vec![wire::PaymentMethod {
+            token: "tok_approve_4242".into(),
+            kind: wire::PaymentMethodKind::Card as i32,
+            ..Default::default()
+        }],
+        state: state as i32,
+        locale: "en".into(),
+        ..Default::default()
+    }
+}
+
+fn rule_event(raw: &wire::AutoTopUpRule) -> Event {
+    Event::Rule(Box::new(Rule::try_from(raw).unwrap()))
+}
+
+fn balance(minor: i64, sequence: u64) -> Event {
+    Event::Balance(BalanceObservation {
+        subscriber: sub(),
+        carrier_id: "c".into(),
+        balance: Money::new(Currency::parse("CNY").unwrap(), minor),
+        sequence,
+        observed_at: None,
+        event_id: String::new(),
+    })
+}
+
+fn outcome(command_id: &str, succeeded: bool) -> Event {
+    Event::Outcome(TopUpOutcome { subscriber: sub(), command_id: command_id.into(), succeeded })
+}
+
+/// Applies events in order; returns the final state and every effect.
+fn run(events: Vec<Event>) -> (SubscriberState, Vec<Effect>) {
+    let mut state = SubscriberState::new(sub());
+    let mut all = Vec::new();
+    for (i, event) in events.into_iter().enumerate() {
+        let (next, effects) =
+            decide(state, event, &format!("t/0/{i}"), NOW, &Settings::default()).unwrap();
+        state = next;
+        all.extend(effects);
+    }
+    (state, all)
+}
+
+fn commands(effects: &[Effect]) -> Vec<&wire::TopUpCommand> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Command(c) => Some(c),
+            Effect::Notify(_) => None,
+        })
+        .collect()
+}
+
+fn notifications(effects: &[Effect], kind: NotificationKind) -> usize {
+    effects.iter().filter(|e| matches!(e, Effect::Notify(n) if n.kind == kind as i32)).count()
+}
+
+#[test]
+fn fires_once_per_crossing_and_ignores_stale_events() {
+    let (state, effects) = run(vec![
+        rule_event(&wire_rule(wire::RuleState::Active)),
+        balance(2000, 1),
+        balance(900, 2),
+        balance(800, 3),
+        balance(950, 2), // stale
+        balance(800, 3), // duplicate
+    ]);
+    let cmds = commands(&effects);
+    assert_eq!(cmds.len(), 1);
+    assert_eq!(cmds[0].cause_sequence, 2);
+    assert_eq!(cmds[0].amount, Some(cny(5000)));
+    assert_eq!(cmds[0].idempotency_key, format!("topup-{}", cmds[0].command_id));
+    assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(3));
+    assert_eq!(notifications(&effects, NotificationKind::TopUpStarted), 1);
+}
+
+#[test]
+fn a_success_rearms_only_when_the_credited_balance_is_seen() {
+    let (state, effects) =
+        run(vec![rule_event(&wire_rule(wire::RuleState::Active)), balance(900, 1)]);
+    let id = commands(&effects)[0].command_id.clone();
+    let (state, effects) = {
+        let mut s = state;
+        let mut all = Vec::new();
+        for (i, e) in [outcome(&id, true), balance(850, 2), balance(5850, 3), balance(950, 4)]
+            .into_iter()
+            .enumerate()
+        {
+            let (n, fx) = decide(s, e, &format!("x/{i}"), NOW, &Settings::default()).unwrap();
+            s = n;
+            all.extend(fx);
+        }
+        (s, all)
+    };
+    // 850 (usage racing the credit) does not fire; 5850 re-arms; 950 is a new crossing.
+    let cmds = commands(&effects);
+    assert_eq!(cmds.len(), 1);
+    assert_eq!(cmds[0].cause_sequence, 4);
+    assert!(state.in_flight.is_some());
+}
+
+#[test]
+fn a_failure_does_not_retry_until_a_new_crossing_or_rule_change() {
+    let raw = wire_rule(wire::RuleState::Active);
+    let (state, effects) = run(vec![rule_event(&raw), balance(900, 1)]);
+    let id = commands(&effects)[0].command_id.clone();
+    let (state, fx) = decide(state, outcome(&id, false), "r", NOW, &Settings::default()).unwrap();
+    assert!(commands(&fx).is_empty());
+    let (state, fx) = decide(state, balance(800, 2), "b", NOW, &Settings::default()).unwrap();
+    assert!(commands(&fx).is_empty(), "no retry loop");
+    assert_eq!(state.caps.topups_today, 0, "the failed top-up gave its cap back");
+    let mut changed = raw.clone();
+    changed.payment_methods[0].token = "tok_approve_9999".into();
+    let (_, fx) = decide(state, rule_event(&changed), "u", NOW, &Settings::default()).unwrap();
+    assert_eq!(commands(&fx).len(), 1, "a changed rule tries again at once");
+}
+
+#[test]
+fn activation_while_low_fires_at_once_and_paused_rules_only_remind() {
+    let (state, effects) = run(vec![
+        rule_event(&wire_rule(wire::RuleState::Paused)),
+        balance(300, 1),
+        balance(200, 2),
+    ]);
+    assert!(commands(&effects).is_empty());
+    assert_eq!(
+        notifications(&effects, NotificationKind::LowBalance),
+        1,
+        "one reminder per crossing"
+    );
+    let (_, fx) = decide(
+        state,
+        rule_event(&wire_rule(wire::RuleState::Active)),
+        "a",
+        NOW,
+        &Settings::default(),
+    )
+    .unwrap();
+    assert_eq!(commands(&fx).len(), 1);
+    assert_eq!(notifications(&fx, NotificationKind::RuleActivated), 1);
+}
+
+#[test]
+fn subscribers_without_a_rule_get_a_reminder_per_crossing() {
+    let (_, effects) =
+        run(vec![balance(300, 1), balance(200, 2), balance(900, 3), balance(100, 4)]);
+    assert!(commands(&effects).is_empty());
+    assert_eq!(notifications(&effects, NotificationKind::LowBalance), 2);
+}
+
+#[test]
+fn caps_stop_charges_and_tell_the_subscriber_once() {
+    let mut raw = wire_rule(wire::RuleState::Active);
+    raw.max_topups_per_day = 1;
+    let (state, effects) = run(vec![rule_event(&raw), balance(900, 1)]);
+    let id = commands(&effects)[0].command_id.clone();
+    let (state, effects) = {
+        let mut s = state;
+        let mut all = Vec::new();
+        for (i, e) in [
+            outcome(&id, true),
+            balance(5900, 2),
+            balance(900, 3),
+            balance(5900, 4),
+            balance(900, 5),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (n, fx) = decide(s, e, &format!("y/{i}"), NOW, &Settings::default()).unwrap();
+            s = n;
+            all.extend(fx);
+        }
+        (s, all)
+    };
+    assert!(commands(&effects).is_empty(), "the daily cap holds");
+    assert_eq!(notifications(&effects, NotificationKind::CapReached), 1, "told once");
+    assert_eq!(state.caps.topups_today, 1);
+}
+
+#[test]
+fn target_balance_tops_up_the_difference() {
+    let mut raw = wire_rule(wire::RuleState::Active);
+    raw.top_up = Some(wire::auto_top_up_rule::TopUp::TargetBalance(cny(8000)));
+    let (_, effects) = run(vec![rule_event(&raw), balance(-250, 1)]);
+    assert_eq!(commands(&effects)[0].amount, Some(cny(8250)));
+}
+
+#[test]
+fn a_rule_in_another_currency_than_the_balance_is_refused_and_the_old_rule_stays() {
+    let (state, _) = run(vec![rule_event(&wire_rule(wire::RuleState::Active)), balance(2000, 1)]);
+    let mut usd = wire_rule(wire::RuleState::Active);
+    usd.threshold = Some(wire::Money { currency: "USD".into(), amount_minor: 1000 });
+    usd.top_up = Some(wire::auto_top_up_rule::TopUp::Amount(wire::Money {
+        currency: "USD".into(),
+        amount_minor: 500,
+    }));
+    let before = state.clone();
+    let refused = decide(state, rule_event(&usd), "r", NOW, &Settings::default()).unwrap_err();
+    assert!(refused.contains("USD"), "{refused}");
+    assert_eq!(before.rule.map(|r| r.threshold.currency.code().to_string()), Some("CNY".into()));
+}
+
+#[test]
+fn replaying_the_same_events_issues_the_same_command_ids() {
+    let events = || vec![rule_event(&wire_rule(wire::RuleState::Active)), balance(900, 7)];
+    let (_, first) = run(events());
+    let (_, second) = run(events());
+    assert_eq!(commands(&first)[0].command_id, commands(&second)[0].command_id);
+}
+
+/// An event of a generated history; outcomes refer to whatever is in flight, or to nothing.
+#[derive(Debug, Clone)]
+enum Step {
+    Balance { minor: i64, sequence: u64 },
+    Rule { state: wire::RuleState },
+    Outcome { matches: bool, succeeded: bool },
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (-2000i64..4000, 1u64..40).prop_map(|(minor, sequence)| Step::Balance { minor, sequence }),
+        1 => prop_oneof![
+            Just(wire::RuleState::Active),
+            Just(wire::RuleState::Paused),
+            Just(wire::RuleState::Draft),
+            Just(wire::RuleState::Deleted),
+        ].prop_map(|state| Step::Rule { state }),
+        2 => (any::<bool>(), any::<bool>()).prop_map(|(matches, succeeded)| Step::Outcome { matches, succeeded }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// For any interleaving: at most one command in flight; at most one per crossing (or
+    /// rule change); the daily count and monthly amount caps are never exceeded; and every
+    /// downward crossing of an active rule with nothing in flight and no cap reached gets a
+    /// command.
+    #[test]
+    fn invariants_hold_for_any_interleaving(
+        steps in prop::collection::vec(step(), 1..60),
+        max_per_day in 0u32..4,
+        max_month_units in prop::option::of(1i64..4),
+    ) {
+        let mut raw = wire_rule(wire::RuleState::Active);
+        raw.max_topups_per_day = max_per_day;
+        raw.max_amount_per_month = max_month_units.map(|n| cny(n * 5000));
+        let mut state = SubscriberState::new(sub());
+        // The test's own model of the world, independent of the state's bookkeeping.
+        let mut in_flight: Option<String> = None;
+        let mut charged_count = 0u32;
+        let mut charged_minor = 0i64;
+        let mut last_balance: Option<(u64, i64)> = None;
+        let mut active = false;
+        // May a command be issued? Upper bound of the evaluator's `armed`: set by a balance at
+        // or above the threshold (with a rule) or a changed rule, cleared by a command.
+        let mut armed = true;
+        let mut rule_state: Option<wire::RuleState> = None;
+        for (i, step) in steps.into_iter().enumerate() {
+            let (event, crossing) = match &step {
+                Step::Balance { minor, sequence } => {
+                    let fresh = last_balance.is_none_or(|(seq, _)| *sequence > seq);
+                    let was_above = last_balance.is_none_or(|(_, b)| b >= 1000);
+                    let crossing = fresh && was_above && *minor < 1000;
+                    if fresh { last_balance = Some((*sequence, *minor)); }
+                    if fresh && *minor >= 1000 && rule_state.is_some() { armed = true; }
+                    (balance(*minor, *sequence), crossing)
+                }
+                Step::Rule { state: s } => {
+                    let mut r = raw.clone();
+                    r.state = *s as i32;
+                    active = *s == wire::RuleState::Active;
+                    if *s == wire::RuleState::Deleted {
+                        rule_state = None;
+                    } else {
+                        if rule_state != Some(*s) { armed = true; }
+                        rule_state = Some(*s);
+                    }
+                    (rule_event(&r), false)
+                }
+                Step::Outcome { matches, succeeded } => {
+                    let id = match (&in_flight, matches) {
+                        (Some(id), true) => id.clone(),
+                        _ => "not-in-flight".to_string(),
+                    };
+                    (outcome(&id, *succeeded), false)
+                }
+            };
+            let (next, effects) = decide(state, event, &format!("p/{i}"), NOW, &Settings::default())
+                .map_err(|e| TestCaseError::fail(e))?;
+            state = next;
+            let issued = commands(&effects);
+            prop_assert!(issued.len() <= 1);
+            if let Step::Outcome { matches: true, succeeded } = step {
+                if let Some(_) = in_flight.take() {
+                    if !succeeded {
+                        charged_count -= 1;
+                        charged_minor -= 5000;
+                    }
+                }
+            }
+            if let Some(command) = issued.first() {
+                prop_assert!(in_flight.is_none(), "a second command while one is in flight");
+                prop_assert!(armed, "a second command for one crossing");
+                armed = false;
+                in_flight = Some(command.command_id.clone());
+                charged_count += 1;
+                charged_minor += 5000;
+            }
+            if max_per_day > 0 {
+                prop_assert!(charged_count <= max_per_day, "daily cap exceeded");
+            }
+            if let Some(units) = max_month_units {
+                prop_assert!(charged_minor <= units * 5000, "monthly cap exceeded");
+            }
+            let cap_room = (max_per_day == 0 || charged_count < max_per_day)
+                && max_month_units.is_none_or(|u| charged_minor + 5000 <= u * 5000);
+            if crossing && active && in_flight.is_none() && cap_room {
+                prop_assert!(false, "a crossing with room under the caps got no command");
+            }
+        }
+    }
+}
