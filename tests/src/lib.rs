@@ -41,6 +41,7 @@ pub struct Platform {
 impl Platform {
     /// A cluster with the topics, and nothing running yet.
     pub fn cluster() -> anyhow::Result<Self> {
+        topup_kafka::init_logging();
         let kafka_cluster = EmbeddedKafka::start(PARTITIONS)?;
         let mut kafka = KafkaArgs::new(kafka_cluster.bootstrap_servers());
         // Short timeouts, so restarts and rebalances in tests take seconds (KAFKA-NOTES.md).
@@ -129,6 +130,25 @@ impl Platform {
         self.publish_raw(topup_proto::topics::BALANCE, subscriber, &event.encode_to_vec()).await
     }
 
+    /// Waits until consumer group `group` has committed every record that exists now in
+    /// `topics`, i.e. the service has processed (and committed the outputs of) all of it.
+    pub async fn wait_caught_up(&self, group: &str, topics: &[&'static str]) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            every.tick().await;
+            let (kafka, g, t) = (self.kafka.clone(), group.to_string(), topics.to_vec());
+            let lagging =
+                tokio::task::spawn_blocking(move || lagging_partitions(&kafka, &g, &t)).await??;
+            if lagging.is_empty() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("group {group} still behind after {WAIT:?}: {lagging:?}");
+            }
+        }
+    }
+
     /// A reader of `topic` from the beginning, committed records only.
     pub fn reader<T: topup_proto::Message + Default>(
         &self,
@@ -155,6 +175,39 @@ impl Platform {
         }
         Ok(all)
     }
+}
+
+/// Partitions where `group`'s committed offset is short of the end: (topic, partition,
+/// committed, end).
+fn lagging_partitions(
+    kafka: &KafkaArgs,
+    group: &str,
+    topics: &[&'static str],
+) -> anyhow::Result<Vec<(String, i32, i64, i64)>> {
+    let consumer: rdkafka::consumer::BaseConsumer = kafka.group_consumer(group).create()?;
+    let mut wanted = TopicPartitionList::new();
+    for topic in topics {
+        for partition in 0..PARTITIONS {
+            wanted.add_partition(topic, partition);
+        }
+    }
+    let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
+    let mut lagging = Vec::new();
+    for element in committed.elements() {
+        let (_, end) = consumer.fetch_watermarks(
+            element.topic(),
+            element.partition(),
+            Duration::from_secs(10),
+        )?;
+        let at = match element.offset() {
+            Offset::Offset(n) => n,
+            _ => 0,
+        };
+        if at < end {
+            lagging.push((element.topic().to_string(), element.partition(), at, end));
+        }
+    }
+    Ok(lagging)
 }
 
 /// Money in CNY fen.

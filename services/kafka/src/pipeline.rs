@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
@@ -237,6 +239,7 @@ async fn run_incarnation<P: Processor>(
             }
         }
         process_batch(spec, &consumer, &producer, &mut processor, &batch).await?;
+        tracing::debug!(service = spec.service, records = batch.len(), "batch committed");
     }
     tracing::info!(service = spec.service, "pipeline stopped");
     Ok(())
@@ -283,8 +286,9 @@ async fn process_batch<P: Processor>(
         .group_metadata()
         .ok_or_else(|| Error::Timeout("consumer has no group metadata yet".into()))?;
     let txn = producer.clone();
+    let offsets = list.clone();
     let committed = blocking(move || {
-        txn.send_offsets_to_transaction(&list, &metadata, TXN_TIMEOUT)?;
+        txn.send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT)?;
         txn.commit_transaction(TXN_TIMEOUT)
     })
     .await;
@@ -294,6 +298,13 @@ async fn process_batch<P: Processor>(
         let txn = producer.clone();
         let _ = blocking(move || txn.abort_transaction(TXN_TIMEOUT)).await;
         return Err(error);
+    }
+    // The same offsets again, as a plain commit. On a real broker this is redundant: the
+    // transaction committed them. librdkafka's mock cluster acknowledges the transactional
+    // offset commit but does not store it (rdkafka_mock_handlers.c, TxnOffsetCommit), so
+    // without this a restarted consumer would start from the beginning. See the README.
+    if let Err(error) = consumer.commit(&list, CommitMode::Async) {
+        tracing::warn!(service = spec.service, %error, "plain offset commit failed");
     }
     Ok(())
 }
