@@ -311,12 +311,12 @@ proptest! {
                 }
             };
             let (next, effects) = decide(state, event, &format!("p/{i}"), NOW, &Settings::default())
-                .map_err(|e| TestCaseError::fail(e))?;
+                .map_err(TestCaseError::fail)?;
             state = next;
             let issued = commands(&effects);
             prop_assert!(issued.len() <= 1);
             if let Step::Outcome { matches: true, succeeded } = step {
-                if let Some(_) = in_flight.take() {
+                if in_flight.take().is_some() {
                     if !succeeded {
                         charged_count -= 1;
                         charged_minor -= 5000;
