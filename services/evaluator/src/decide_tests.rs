@@ -316,11 +316,9 @@ proptest! {
             let issued = commands(&effects);
             prop_assert!(issued.len() <= 1);
             if let Step::Outcome { matches: true, succeeded } = step {
-                if in_flight.take().is_some() {
-                    if !succeeded {
-                        charged_count -= 1;
-                        charged_minor -= 5000;
-                    }
+                if in_flight.take().is_some() && !succeeded {
+                    charged_count -= 1;
+                    charged_minor -= 5000;
                 }
             }
             if let Some(command) = issued.first() {
