@@ -3,7 +3,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use topup_domain::{BalanceObservation, Rule, SubscriberId, TopUpOutcome};
+use topup_domain::{BalanceObservation, Money, Rule, SubscriberId, TopUpOutcome};
 use topup_kafka::{decode, read_partition_to_end, Input, KafkaArgs, Output, Processor, Refusal};
 use topup_proto::evaluator::v1 as changelog;
 use topup_proto::v1::{BalanceUpdated, RuleUpdated, TopUpResult};
@@ -120,7 +120,7 @@ impl Processor for Evaluator {
                             tracing::info!(
                                 subscriber = %subscriber,
                                 command_id = %command.command_id,
-                                amount = %command.amount.as_ref().map(|m| format!("{} {}", m.amount_minor, m.currency)).unwrap_or_default(),
+                                amount = %command.amount.as_ref().and_then(|m| Money::try_from(m).ok()).map(|m| m.to_string()).unwrap_or_default(),
                                 "balance below threshold: top-up issued"
                             );
                             out.push(Output::message(

@@ -88,17 +88,13 @@ fn validate(command: &TopUpCommand, limits: &Limits) -> Result<(SubscriberId, Mo
     if amount.minor <= 0 {
         return Err(Refusal::new(format!("amount: must be positive, got {amount}")));
     }
-    Ok((subscriber, amount)).and_then(|ok| {
-        if ok.1.minor > limits.max_single_charge_minor {
-            Err(Refusal::new(format!(
-                "amount: {} exceeds the single-charge limit of {}",
-                ok.1,
-                Money::new(ok.1.currency, limits.max_single_charge_minor)
-            )))
-        } else {
-            Ok(ok)
-        }
-    })
+    if amount.minor > limits.max_single_charge_minor {
+        return Err(Refusal::new(format!(
+            "amount: {amount} exceeds the single-charge limit of {}",
+            Money::new(amount.currency, limits.max_single_charge_minor)
+        )));
+    }
+    Ok((subscriber, amount))
 }
 
 fn reason_code(reason: FailureReason) -> &'static str {
