@@ -1,0 +1,17 @@
+# Multi-stage build of every service binary. librdkafka is built from source by rdkafka-sys.
+FROM rust:1.95-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --locked \
+      -p topup -p topup-evaluator -p topup-payment-worker -p topup-notifier
+
+FROM debian:bookworm-slim
+RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* && useradd --system --uid 10001 topup
+COPY --from=build /src/target/release/topup \
+                  /src/target/release/topup-evaluator \
+                  /src/target/release/topup-payment-worker \
+                  /src/target/release/topup-notifier /usr/local/bin/
+USER topup
+# Each container picks its binary with `command:`; the default is the all-in-one.
+CMD ["topup"]
