@@ -11,7 +11,7 @@ pub mod processor;
 pub mod state;
 
 use tokio_util::sync::CancellationToken;
-use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
+use topup_kafka::{instance_id, run_pipeline, KafkaArgs, PipelineSpec};
 use topup_proto::topics;
 
 pub use decide::Settings;
@@ -56,10 +56,18 @@ impl Config {
     }
 }
 
-/// A transactional id unique to this process.
-pub fn instance_id(service: &str) -> String {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    format!("{service}-{host}-{}", std::process::id())
+/// The `topup-evaluator` command line: parse, log, run until Ctrl-C or SIGTERM.
+pub async fn main_from_args() -> anyhow::Result<()> {
+    #[derive(clap::Parser)]
+    #[command(version, about = "Threshold evaluator: balances + rules -> top-up commands")]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+    let cli = <Cli as clap::Parser>::parse();
+    topup_kafka::init_logging();
+    run(cli.config, topup_kafka::shutdown_on_signal()).await?;
+    Ok(())
 }
 
 /// Runs the evaluator until `shutdown` is cancelled.

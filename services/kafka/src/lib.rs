@@ -15,5 +15,5 @@ pub use error::{Error, Result};
 pub use pipeline::{run_pipeline, PipelineSpec, Processor, Refusal};
 pub use record::{dead_letter, decode, now_timestamp, Input, Output};
 pub use restore::read_partition_to_end;
-pub use runtime::{init_logging, shutdown_on_signal};
+pub use runtime::{init_logging, instance_id, shutdown_on_signal};
 pub use topics::{create_topics, create_topics_on_mock, TopicSpec, DEFAULT_PARTITIONS};

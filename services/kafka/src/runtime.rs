@@ -44,3 +44,9 @@ pub fn shutdown_on_signal() -> CancellationToken {
     });
     token
 }
+
+/// A transactional id prefix unique to this process: `<service>-<host>-<pid>`.
+pub fn instance_id(service: &str) -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+    format!("{service}-{host}-{}", std::process::id())
+}

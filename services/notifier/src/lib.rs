@@ -47,14 +47,13 @@ pub async fn run<C: Channel + Clone>(
     channel: C,
     shutdown: CancellationToken,
 ) -> topup_kafka::Result<()> {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     let spec = PipelineSpec {
         service: "topup-notifier",
         group_id: config.group_id.clone(),
         transactional_id: config
             .transactional_id
             .clone()
-            .unwrap_or_else(|| format!("topup-notifier-{host}-{}", std::process::id())),
+            .unwrap_or_else(|| topup_kafka::instance_id("topup-notifier")),
         inputs: vec![topics::NOTIFICATIONS],
         max_batch: config.max_batch,
         kafka: config.kafka.clone(),

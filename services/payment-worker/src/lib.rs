@@ -61,14 +61,13 @@ pub async fn run<G: PaymentGateway + Clone>(
     gateway: G,
     shutdown: CancellationToken,
 ) -> topup_kafka::Result<()> {
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     let spec = PipelineSpec {
         service: "topup-payment-worker",
         group_id: config.group_id.clone(),
         transactional_id: config
             .transactional_id
             .clone()
-            .unwrap_or_else(|| format!("topup-payment-worker-{host}-{}", std::process::id())),
+            .unwrap_or_else(|| topup_kafka::instance_id("topup-payment-worker")),
         inputs: vec![topics::COMMANDS],
         max_batch: config.max_batch,
         kafka: config.kafka.clone(),
