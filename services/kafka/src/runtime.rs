@@ -1,14 +1,19 @@
 //! Process plumbing every binary shares: logging and the shutdown signal.
 use tokio_util::sync::CancellationToken;
 
-/// Readable log lines on stderr; `RUST_LOG` filters (default `info`, Kafka client chatter
-/// at `warn`).
+/// Readable log lines on stderr — one line per thing that happened, time since start,
+/// colours only on a terminal; `RUST_LOG` filters (default `info`, Kafka client chatter at
+/// `warn`).
 pub fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
     let _ = tracing_subscriber::fmt()
+        .compact()
         .with_env_filter(filter)
         .with_target(false)
+        .with_timer(tracing_subscriber::fmt::time::uptime())
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
