@@ -51,9 +51,13 @@ fn outcome(command_id: &str, succeeded: bool) -> Event {
     Event::Outcome(TopUpOutcome { subscriber: sub(), command_id: command_id.into(), succeeded })
 }
 
-/// Applies events in order; returns the final state and every effect.
+/// Applies events in order to a new subscriber; returns the final state and every effect.
 fn run(events: Vec<Event>) -> (SubscriberState, Vec<Effect>) {
-    let mut state = SubscriberState::new(sub());
+    run_from(SubscriberState::new(sub()), events)
+}
+
+/// Applies events in order to `state`; returns the final state and every effect.
+fn run_from(mut state: SubscriberState, events: Vec<Event>) -> (SubscriberState, Vec<Effect>) {
     let mut all = Vec::new();
     for (i, event) in events.into_iter().enumerate() {
         let (next, effects) =
@@ -102,19 +106,10 @@ fn a_success_rearms_only_when_the_credited_balance_is_seen() {
     let (state, effects) =
         run(vec![rule_event(&wire_rule(wire::RuleState::Active)), balance(900, 1)]);
     let id = commands(&effects)[0].command_id.clone();
-    let (state, effects) = {
-        let mut s = state;
-        let mut all = Vec::new();
-        for (i, e) in [outcome(&id, true), balance(850, 2), balance(5850, 3), balance(950, 4)]
-            .into_iter()
-            .enumerate()
-        {
-            let (n, fx) = decide(s, e, &format!("x/{i}"), NOW, &Settings::default()).unwrap();
-            s = n;
-            all.extend(fx);
-        }
-        (s, all)
-    };
+    let (state, effects) = run_from(
+        state,
+        vec![outcome(&id, true), balance(850, 2), balance(5850, 3), balance(950, 4)],
+    );
     // 850 (usage racing the credit) does not fire; 5850 re-arms; 950 is a new crossing.
     let cmds = commands(&effects);
     assert_eq!(cmds.len(), 1);
@@ -177,25 +172,16 @@ fn caps_stop_charges_and_tell_the_subscriber_once() {
     raw.max_topups_per_day = 1;
     let (state, effects) = run(vec![rule_event(&raw), balance(900, 1)]);
     let id = commands(&effects)[0].command_id.clone();
-    let (state, effects) = {
-        let mut s = state;
-        let mut all = Vec::new();
-        for (i, e) in [
+    let (state, effects) = run_from(
+        state,
+        vec![
             outcome(&id, true),
             balance(5900, 2),
             balance(900, 3),
             balance(5900, 4),
             balance(900, 5),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let (n, fx) = decide(s, e, &format!("y/{i}"), NOW, &Settings::default()).unwrap();
-            s = n;
-            all.extend(fx);
-        }
-        (s, all)
-    };
+        ],
+    );
     assert!(commands(&effects).is_empty(), "the daily cap holds");
     assert_eq!(notifications(&effects, NotificationKind::CapReached), 1, "told once");
     assert_eq!(state.caps.topups_today, 1);
