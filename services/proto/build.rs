@@ -10,6 +10,7 @@ const PROTOS: &[&str] = &[
     "topup/v1/notification.proto",
     "topup/v1/dead_letter.proto",
     "topup/evaluator/v1/state.proto",
+    "topup/payment/v1/retry.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

@@ -226,6 +226,7 @@ pub fn rule(subscriber: &str, token: &str, state: RuleState) -> AutoTopUpRule {
             kind: PaymentMethodKind::Card as i32,
             label: "•••• 4242".into(),
             expires: "2030-01".into(),
+            currency: "CNY".into(),
         }],
         state: state as i32,
         locale: "zh-CN".into(),

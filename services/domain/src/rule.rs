@@ -3,7 +3,7 @@
 use topup_proto::v1 as wire;
 
 use crate::money::required_money;
-use crate::{Invalid, Money, SubscriberId, ValidationError};
+use crate::{Currency, Invalid, Money, SubscriberId, ValidationError};
 
 /// Largest absolute amount (minor units) accepted anywhere in a rule or balance: far above
 /// any real top-up, far below `i64` overflow when amounts are added or subtracted.
@@ -42,6 +42,8 @@ pub struct PaymentMethod {
     pub kind: wire::PaymentMethodKind,
     /// Display label ("•••• 4242").
     pub label: String,
+    /// The only currency it charges in, when the gateway said so.
+    pub currency: Option<Currency>,
 }
 
 /// A notification channel with its contact.
@@ -156,7 +158,12 @@ fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMet
         }
         Ok(kind) => kind,
     };
-    Ok(PaymentMethod { token: raw.token.clone(), kind, label: raw.label.clone() })
+    let currency = if raw.currency.is_empty() {
+        None
+    } else {
+        Some(Currency::parse(&raw.currency).map_err(|e| e.within(&field))?)
+    };
+    Ok(PaymentMethod { token: raw.token.clone(), kind, label: raw.label.clone(), currency })
 }
 
 fn channel(index: usize, raw: &wire::NotificationChannel) -> Invalid<Channel> {
@@ -225,6 +232,20 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
             .enumerate()
             .map(|(i, m)| payment_method(i, m))
             .collect::<Invalid<Vec<_>>>()?;
+        if let Some((i, method)) = payment_methods
+            .iter()
+            .enumerate()
+            .find(|(_, m)| m.currency.is_some_and(|c| c != threshold.currency))
+        {
+            return Err(ValidationError::new(
+                format!("payment_methods[{i}].currency"),
+                format!(
+                    "{} does not match the rule's currency {}",
+                    method.currency.map(|c| c.to_string()).unwrap_or_default(),
+                    threshold.currency
+                ),
+            ));
+        }
         let channels = raw
             .channels
             .iter()
@@ -334,6 +355,14 @@ mod tests {
         let mut r = valid();
         r.payment_methods.clear();
         assert!(refused(r).starts_with("payment_methods:"));
+
+        let mut r = valid();
+        r.payment_methods[0].currency = "USD".into();
+        assert!(refused(r).starts_with("payment_methods[0].currency: USD does not match"));
+
+        let mut r = valid();
+        r.payment_methods[0].currency = "yuan".into();
+        assert!(refused(r).starts_with("payment_methods[0].currency: \"yuan\""));
 
         let mut r = valid();
         r.state = 42;

@@ -13,6 +13,9 @@ pub enum Error {
     /// Something took longer than its deadline.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A processor broke its contract (a bug): the incarnation ends rather than lose records.
+    #[error("processor: {0}")]
+    Processor(String),
     /// A processor could not rebuild its state.
     #[error("restoring state: {0}")]
     Restore(String),

@@ -13,7 +13,7 @@ mod topics;
 pub use config::KafkaArgs;
 pub use error::{Error, Result};
 pub use pipeline::{run_pipeline, PipelineSpec, Processor, Refusal};
-pub use record::{dead_letter, decode, now_timestamp, Input, Output};
+pub use record::{dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output};
 pub use restore::read_partition_to_end;
 pub use runtime::{init_logging, instance_id, shutdown_on_signal};
 pub use topics::{create_topics, create_topics_on_mock, TopicSpec, DEFAULT_PARTITIONS};

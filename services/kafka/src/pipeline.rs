@@ -66,6 +66,25 @@ pub trait Processor: Send {
         input: &Input,
         out: &mut Vec<Output>,
     ) -> impl Future<Output = std::result::Result<(), Refusal>> + Send;
+
+    /// Processes a batch and answers, in input order, each record's outputs or refusal.
+    /// The default calls [`Processor::process`] one record after the other; a processor
+    /// whose records wait on the outside world (a gateway, a mail server) may work on
+    /// different subscribers at once, as long as each subscriber's records keep their order.
+    fn process_batch(
+        &mut self,
+        batch: &[Input],
+    ) -> impl Future<Output = Vec<std::result::Result<Vec<Output>, Refusal>>> + Send {
+        async move {
+            let mut answers = Vec::with_capacity(batch.len());
+            for input in batch {
+                let mut out = Vec::new();
+                let answer = self.process(input, &mut out).await;
+                answers.push(answer.map(|()| out));
+            }
+            answers
+        }
+    }
 }
 
 /// What a pipeline consumes and as whom.
@@ -256,12 +275,23 @@ async fn process_batch<P: Processor>(
     processor: &mut P,
     batch: &[Input],
 ) -> Result<()> {
+    // The transaction opens only once the batch is processed: a processor that waits on a
+    // gateway must not hold it open (the broker aborts transactions older than
+    // transaction.timeout.ms).
+    let answers = processor.process_batch(batch).await;
+    if answers.len() != batch.len() {
+        // Committing past an unanswered record would lose it.
+        return Err(Error::Processor(format!(
+            "{} answered {} of {} records",
+            spec.service,
+            answers.len(),
+            batch.len()
+        )));
+    }
     producer.begin_transaction()?;
     let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    let mut out = Vec::new();
-    for input in batch {
-        out.clear();
-        if let Err(Refusal(reason)) = processor.process(input, &mut out).await {
+    for (input, answer) in batch.iter().zip(answers) {
+        let out = answer.unwrap_or_else(|Refusal(reason)| {
             tracing::warn!(
                 service = spec.service,
                 topic = %input.topic,
@@ -270,9 +300,8 @@ async fn process_batch<P: Processor>(
                 %reason,
                 "record refused; sent to the dead-letter topic"
             );
-            out.clear();
-            out.push(dead_letter(input, spec.service, &reason));
-        }
+            vec![dead_letter(input, spec.service, &reason)]
+        });
         for output in &out {
             send(producer, output).await?;
         }

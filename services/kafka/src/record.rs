@@ -159,9 +159,21 @@ pub fn dead_letter(input: &Input, service: &str, reason: &str) -> Output {
 
 /// The wall clock as a protobuf timestamp.
 pub fn now_timestamp() -> Timestamp {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    timestamp_of(SystemTime::now())
+}
+
+/// A point in time as a protobuf timestamp (times before 1970 become 1970).
+pub fn timestamp_of(time: SystemTime) -> Timestamp {
+    let since = time.duration_since(UNIX_EPOCH).unwrap_or_default();
     Timestamp {
-        seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+        seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
     }
+}
+
+/// A protobuf timestamp as a point in time (negative or invalid parts count as zero).
+pub fn system_time(timestamp: &Timestamp) -> SystemTime {
+    let seconds = u64::try_from(timestamp.seconds).unwrap_or(0);
+    let nanos = u32::try_from(timestamp.nanos).unwrap_or(0).min(999_999_999);
+    UNIX_EPOCH + std::time::Duration::new(seconds, nanos)
 }

@@ -1,17 +1,34 @@
 //! Payment worker: consumes `TopUpCommand`s, charges through a [`gateway`], publishes one
 //! `TopUpResult` and one notification per command, in the transaction that commits the
 //! command's offset. A replay reaches the gateway with the same idempotency key.
+//!
+//! Two lanes run side by side: the command lane (`topup.commands.v1`) and the retry lane
+//! (`topup.payment-retries.v1`, charges parked after a transient error); see [`worker`].
 
 pub mod gateway;
 pub mod metrics;
 pub mod worker;
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
 use topup_proto::topics;
 
-pub use gateway::{PaymentGateway, Sandbox};
+pub use gateway::{AnyGateway, HttpGateway, HttpGatewayConfig, PaymentGateway, Sandbox};
 pub use worker::{Limits, PaymentWorker, RetryPolicy};
+
+/// Which gateway charges.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum GatewayKind {
+    /// The deterministic sandbox: test tokens decide the outcome, no money moves.
+    Sandbox,
+    /// The HTTP gateway client (`--payment-gateway-url`, signed with the shared secret).
+    Http,
+}
 
 /// `topup-payment-worker` settings; `--help` lists them with their environment variables.
 #[derive(Debug, Clone, clap::Args)]
@@ -20,7 +37,8 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
-    /// Consumer group of all payment worker instances.
+    /// Consumer group of all payment worker instances (the retry lane uses
+    /// "<group>-retries").
     #[arg(long = "payment-group", env = "PAYMENT_GROUP", default_value = "topup-payment-worker")]
     pub group_id: String,
 
@@ -28,51 +46,185 @@ pub struct Config {
     #[arg(long = "payment-transactional-id", env = "PAYMENT_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
 
+    /// Which gateway charges.
+    #[arg(long = "payment-gateway", env = "PAYMENT_GATEWAY", value_enum, default_value_t = GatewayKind::Sandbox)]
+    pub gateway: GatewayKind,
+
+    /// Charge endpoint of the HTTP gateway, e.g. https://pay.example.com/v1/charges.
+    #[arg(long = "payment-gateway-url", env = "PAYMENT_GATEWAY_URL")]
+    pub gateway_url: Option<String>,
+
+    /// HMAC-SHA256 signing secret shared with the HTTP gateway (prefer the file).
+    #[arg(long = "payment-gateway-secret", env = "PAYMENT_GATEWAY_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub gateway_secret: Option<SecretString>,
+
+    /// File holding the signing secret (a mounted Kubernetes Secret, say).
+    #[arg(long = "payment-gateway-secret-file", env = "PAYMENT_GATEWAY_SECRET_FILE")]
+    pub gateway_secret_file: Option<PathBuf>,
+
+    /// Longest wait for one gateway answer, in milliseconds; a timeout is a transient
+    /// failure, retried later with the same idempotency key.
+    #[arg(
+        long = "payment-gateway-timeout-ms",
+        env = "PAYMENT_GATEWAY_TIMEOUT_MS",
+        default_value_t = 5_000
+    )]
+    pub gateway_timeout_ms: u64,
+
     /// Largest single charge accepted, in minor units, whatever the command says.
     #[arg(long, env = "MAX_SINGLE_CHARGE_MINOR", default_value_t = 100_000)]
     pub max_single_charge_minor: i64,
 
     /// Attempts per payment method for transient gateway errors.
-    #[arg(long, env = "PAYMENT_MAX_ATTEMPTS", default_value_t = 4)]
+    #[arg(long = "payment-max-attempts", env = "PAYMENT_MAX_ATTEMPTS", default_value_t = 6)]
     pub max_attempts: u32,
+
+    /// Wait before the first retry, in milliseconds; doubles for each further one.
+    #[arg(
+        long = "payment-initial-backoff-ms",
+        env = "PAYMENT_INITIAL_BACKOFF_MS",
+        default_value_t = 500
+    )]
+    pub initial_backoff_ms: u64,
+
+    /// Longest wait between two attempts, in milliseconds.
+    #[arg(
+        long = "payment-max-backoff-ms",
+        env = "PAYMENT_MAX_BACKOFF_MS",
+        default_value_t = 10_000
+    )]
+    pub max_backoff_ms: u64,
+
+    /// No retry is scheduled later than this many seconds after a command arrived.
+    #[arg(
+        long = "payment-retry-deadline-secs",
+        env = "PAYMENT_RETRY_DEADLINE_SECS",
+        default_value_t = 300
+    )]
+    pub retry_deadline_secs: u64,
+
+    /// Subscribers charged at once within a batch.
+    #[arg(long = "payment-concurrency", env = "PAYMENT_CONCURRENCY", default_value_t = 32)]
+    pub concurrency: usize,
 
     /// Commands processed per transaction.
     #[arg(long = "payment-max-batch", env = "PAYMENT_MAX_BATCH", default_value_t = 100)]
     pub max_batch: usize,
 }
 
+fn parse_secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(raw.to_string()))
+}
+
 impl Config {
-    /// Defaults, connected to `kafka`.
+    /// Defaults (sandbox gateway), connected to `kafka`.
     pub fn new(kafka: KafkaArgs) -> Self {
         Self {
             kafka,
             group_id: "topup-payment-worker".into(),
             transactional_id: None,
+            gateway: GatewayKind::Sandbox,
+            gateway_url: None,
+            gateway_secret: None,
+            gateway_secret_file: None,
+            gateway_timeout_ms: 5_000,
             max_single_charge_minor: 100_000,
-            max_attempts: 4,
+            max_attempts: 6,
+            initial_backoff_ms: 500,
+            max_backoff_ms: 10_000,
+            retry_deadline_secs: 300,
+            concurrency: 32,
             max_batch: 100,
+        }
+    }
+
+    /// The retry schedule these settings describe.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: self.max_attempts.max(1),
+            initial_backoff: Duration::from_millis(self.initial_backoff_ms),
+            max_backoff: Duration::from_millis(self.max_backoff_ms.max(self.initial_backoff_ms)),
+            deadline: Duration::from_secs(self.retry_deadline_secs),
+        }
+    }
+
+    /// The configured gateway; an HTTP gateway needs a URL and a secret.
+    pub fn gateway(&self) -> anyhow::Result<AnyGateway> {
+        match self.gateway {
+            GatewayKind::Sandbox => Ok(AnyGateway::Sandbox(Sandbox::new())),
+            GatewayKind::Http => {
+                let url = self.gateway_url.clone().context(
+                    "--payment-gateway=http needs --payment-gateway-url (PAYMENT_GATEWAY_URL)",
+                )?;
+                let secret = match (&self.gateway_secret, &self.gateway_secret_file) {
+                    (Some(secret), _) => secret.clone(),
+                    (None, Some(path)) => {
+                        let raw = std::fs::read_to_string(path).with_context(|| {
+                            format!("reading the gateway secret from {}", path.display())
+                        })?;
+                        SecretString::from(raw.trim_end_matches(['\n', '\r']).to_string())
+                    }
+                    (None, None) => anyhow::bail!(
+                        "--payment-gateway=http needs a signing secret: PAYMENT_GATEWAY_SECRET or --payment-gateway-secret-file"
+                    ),
+                };
+                let gateway = HttpGateway::new(HttpGatewayConfig {
+                    url,
+                    secret,
+                    timeout: Duration::from_millis(self.gateway_timeout_ms.max(1)),
+                })
+                .context("building the HTTP gateway client")?;
+                Ok(AnyGateway::Http(gateway))
+            }
         }
     }
 }
 
-/// Runs the payment worker against `gateway` until `shutdown` is cancelled.
+/// The `topup-payment-worker` command line: parse, log, run until Ctrl-C or SIGTERM.
+pub async fn main_from_args() -> anyhow::Result<()> {
+    #[derive(clap::Parser)]
+    #[command(version, about = "Payment worker: top-up commands -> charges -> results")]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+    let cli = <Cli as clap::Parser>::parse();
+    topup_kafka::init_logging();
+    let gateway = cli.config.gateway()?;
+    run(cli.config, gateway, topup_kafka::shutdown_on_signal()).await?;
+    Ok(())
+}
+
+/// Runs both lanes of the payment worker against `gateway` until `shutdown` is cancelled.
 pub async fn run<G: PaymentGateway + Clone>(
     config: Config,
     gateway: G,
     shutdown: CancellationToken,
 ) -> topup_kafka::Result<()> {
-    let spec = PipelineSpec {
+    let transactional_id = config
+        .transactional_id
+        .clone()
+        .unwrap_or_else(|| topup_kafka::instance_id("topup-payment-worker"));
+    let lane = |inputs, group_id: String, transactional_id: String| PipelineSpec {
         service: "topup-payment-worker",
-        group_id: config.group_id.clone(),
-        transactional_id: config
-            .transactional_id
-            .clone()
-            .unwrap_or_else(|| topup_kafka::instance_id("topup-payment-worker")),
-        inputs: vec![topics::COMMANDS],
+        group_id,
+        transactional_id,
+        inputs,
         max_batch: config.max_batch,
         kafka: config.kafka.clone(),
     };
-    let retry = RetryPolicy { max_attempts: config.max_attempts.max(1), ..RetryPolicy::default() };
+    let commands = lane(vec![topics::COMMANDS], config.group_id.clone(), transactional_id.clone());
+    let retries = lane(
+        vec![topics::PAYMENT_RETRIES],
+        format!("{}-retries", config.group_id),
+        format!("{transactional_id}-retries"),
+    );
+    let (retry, concurrency) = (config.retry_policy(), config.concurrency);
     let limits = Limits { max_single_charge_minor: config.max_single_charge_minor };
-    run_pipeline(spec, || PaymentWorker::new(gateway.clone(), retry, limits), shutdown).await
+    let worker = || PaymentWorker::new(gateway.clone(), retry, limits, concurrency);
+    let (a, b) = tokio::join!(
+        run_pipeline(commands, worker, shutdown.clone()),
+        run_pipeline(retries, worker, shutdown.clone()),
+    );
+    a.and(b)
 }

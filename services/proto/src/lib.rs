@@ -19,6 +19,15 @@ pub mod evaluator {
     }
 }
 
+/// Package `topup.payment.v1`: the payment worker's retry records.
+pub mod payment {
+    /// Version 1.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/topup.payment.v1.rs"));
+        include!(concat!(env!("OUT_DIR"), "/topup.payment.v1.serde.rs"));
+    }
+}
+
 pub use pbjson_types::Timestamp;
 pub use prost::Message;
 
@@ -40,10 +49,21 @@ pub mod topics {
     pub const DLQ: &str = "topup.dlq.v1";
     /// `topup.evaluator.v1.SubscriberState`, the evaluator's compacted changelog (internal).
     pub const EVALUATOR_STATE: &str = "topup.evaluator-state.v1";
+    /// `topup.payment.v1.ChargeRetry`, charges waiting for another attempt (internal).
+    pub const PAYMENT_RETRIES: &str = "topup.payment-retries.v1";
 
     /// Every topic, in the order they are created.
-    pub const ALL: &[&str] =
-        &[BALANCE, RULES, COMMANDS, NOTIFICATIONS, RESULTS, DELIVERIES, DLQ, EVALUATOR_STATE];
+    pub const ALL: &[&str] = &[
+        BALANCE,
+        RULES,
+        COMMANDS,
+        NOTIFICATIONS,
+        RESULTS,
+        DELIVERIES,
+        DLQ,
+        EVALUATOR_STATE,
+        PAYMENT_RETRIES,
+    ];
 }
 
 #[cfg(test)]

@@ -63,6 +63,7 @@ pub fn rule_for(index: usize, subscriber_id: &str) -> Option<AutoTopUpRule> {
         kind: PaymentMethodKind::Card as i32,
         label: label.into(),
         expires: "2029-12".into(),
+        currency: CURRENCY.into(),
     };
     let (methods, state, top_up) = match index % 10 {
         0 => return None,
@@ -84,6 +85,7 @@ pub fn rule_for(index: usize, subscriber_id: &str) -> Option<AutoTopUpRule> {
                     kind: PaymentMethodKind::Alipay as i32,
                     label: "alipay: 13*******03".into(),
                     expires: String::new(),
+                    currency: String::new(),
                 },
             ],
             RuleState::Active,
@@ -93,6 +95,12 @@ pub fn rule_for(index: usize, subscriber_id: &str) -> Option<AutoTopUpRule> {
             vec![card("tok_approve_4444", "•••• 4444")],
             RuleState::Active,
             TopUp::TargetBalance(Money { currency: CURRENCY.into(), amount_minor: 8000 }),
+        ),
+        // The gateway fails twice, the retry lane charges on the third attempt.
+        5 => (
+            vec![card("tok_transient2_5555", "•••• 5555")],
+            RuleState::Active,
+            TopUp::Amount(Money { currency: CURRENCY.into(), amount_minor: 5000 }),
         ),
         _ => (
             vec![card("tok_approve_4242", "•••• 4242")],

@@ -1,9 +1,11 @@
 //! Payment gateways behind one trait. One file per implementation: adding a provider is a
-//! new file and a new `GatewayKind` variant.
+//! new file and a new [`AnyGateway`] variant.
+pub mod http;
 mod sandbox;
 
 use std::future::Future;
 
+pub use http::{HttpGateway, HttpGatewayConfig};
 pub use sandbox::Sandbox;
 use topup_domain::Money;
 use topup_proto::v1::{FailureReason, PaymentMethodKind};
@@ -38,4 +40,22 @@ pub enum ChargeOutcome {
 pub trait PaymentGateway: Send + Sync + 'static {
     /// Charges, idempotently by `request.idempotency_key`.
     fn charge(&self, request: &ChargeRequest) -> impl Future<Output = ChargeOutcome> + Send;
+}
+
+/// The gateway chosen by configuration.
+#[derive(Debug, Clone)]
+pub enum AnyGateway {
+    /// Deterministic test tokens, no money moves.
+    Sandbox(Sandbox),
+    /// A real provider (or a bridge) over HTTP.
+    Http(HttpGateway),
+}
+
+impl PaymentGateway for AnyGateway {
+    async fn charge(&self, request: &ChargeRequest) -> ChargeOutcome {
+        match self {
+            AnyGateway::Sandbox(gateway) => gateway.charge(request).await,
+            AnyGateway::Http(gateway) => gateway.charge(request).await,
+        }
+    }
 }
