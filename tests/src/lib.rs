@@ -1,5 +1,7 @@
 //! Test harness: the platform on a fresh mock cluster, publishing helpers, and readers that
 //! wait for records with a deadline (never a sleep).
+pub mod gateway_server;
+
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -13,7 +15,7 @@ use topup::embedded::EmbeddedKafka;
 use topup_kafka::{read_partition_to_end, KafkaArgs};
 use topup_proto::v1::{
     auto_top_up_rule::TopUp, AutoTopUpRule, BalanceUpdated, ChannelKind, Money,
-    NotificationChannel, PaymentMethod, PaymentMethodKind, RuleState, RuleUpdated,
+    NotificationChannel, PaymentMethod, PaymentMethodKind, RuleState, RuleUpdated, TopUpCommand,
 };
 use topup_proto::Message as _;
 
@@ -74,6 +76,45 @@ impl Platform {
             platform.shutdown.clone(),
         ));
         Ok(platform)
+    }
+
+    /// Starts a payment worker with `config` and `gateway`.
+    pub fn start_payment_worker<G>(&mut self, config: topup_payment_worker::Config, gateway: G)
+    where
+        G: topup_payment_worker::PaymentGateway + Clone,
+    {
+        self.services.spawn(topup_payment_worker::run(config, gateway, self.shutdown.clone()));
+    }
+
+    /// Payment worker settings for tests: the HTTP gateway at `url`, signed with the test
+    /// secret, a 1 s timeout and fast retries.
+    pub fn http_payment_config(&self, url: &str) -> topup_payment_worker::Config {
+        let mut config = topup_payment_worker::Config::new(self.kafka.clone());
+        config.gateway = topup_payment_worker::GatewayKind::Http;
+        config.gateway_url = Some(url.to_string());
+        config.gateway_secret = Some(gateway_server::SECRET.to_string().into());
+        config.gateway_timeout_ms = 1_000;
+        config.initial_backoff_ms = 100;
+        config.max_backoff_ms = 400;
+        config.max_attempts = 5;
+        config
+    }
+
+    /// Publishes a top-up command, to `partition` or by key.
+    pub async fn publish_command(
+        &self,
+        command: &TopUpCommand,
+        partition: Option<i32>,
+    ) -> anyhow::Result<()> {
+        let payload = command.encode_to_vec();
+        let mut record = FutureRecord::to(topup_proto::topics::COMMANDS)
+            .key(&command.subscriber_id)
+            .payload(&payload);
+        if let Some(partition) = partition {
+            record = record.partition(partition);
+        }
+        self.producer.send(record, WAIT).await.map_err(|(e, _)| anyhow::anyhow!("publish: {e}"))?;
+        Ok(())
     }
 
     /// Starts (another) evaluator instance.
@@ -272,5 +313,36 @@ impl<T: topup_proto::Message + Default> Reader<T> {
             };
             self.seen.push(T::decode(message.payload().unwrap_or_default())?);
         }
+    }
+}
+
+/// A command as the evaluator would issue it: 50.00 CNY for `subscriber`, with `tokens`
+/// as its payment methods in order.
+pub fn command(subscriber: &str, id: &str, tokens: &[&str]) -> TopUpCommand {
+    TopUpCommand {
+        command_id: id.into(),
+        subscriber_id: subscriber.into(),
+        amount: Some(cny(5000)),
+        payment_methods: tokens
+            .iter()
+            .map(|token| PaymentMethod {
+                token: (*token).into(),
+                kind: PaymentMethodKind::Card as i32,
+                label: String::new(),
+                expires: String::new(),
+                currency: String::new(),
+            })
+            .collect(),
+        idempotency_key: format!("topup-{id}"),
+        cause_event_id: String::new(),
+        cause_sequence: 1,
+        carrier_id: "test-carrier".into(),
+        observed_at: Some(topup_kafka::now_timestamp()),
+        issued_at: Some(topup_kafka::now_timestamp()),
+        locale: "en".into(),
+        channels: vec![NotificationChannel {
+            kind: ChannelKind::Email as i32,
+            address: format!("{subscriber}@example.com"),
+        }],
     }
 }

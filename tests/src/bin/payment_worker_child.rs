@@ -1,0 +1,8 @@
+//! The payment worker as a child process for crash tests: `topup-payment-worker`'s own
+//! entry point, built inside this package so tests can find it
+//! (`CARGO_BIN_EXE_payment_worker_child`) and kill it with SIGKILL.
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    topup_payment_worker::main_from_args().await
+}
