@@ -81,6 +81,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> topup_kafka::Re
             .unwrap_or_else(|| instance_id("topup-evaluator")),
         inputs: vec![topics::BALANCE, topics::RULES, topics::RESULTS],
         max_batch: config.max_batch,
+        tick_every: None,
         kafka: config.kafka.clone(),
     };
     let settings = Settings { reminder_level_minor: config.reminder_level_minor };

@@ -1,10 +1,9 @@
 //! Where a record becomes a decision: decode and validate the input, load the subscriber's
 //! state, `decide`, and turn the effects and the new state into records.
-use std::collections::{BTreeSet, HashMap};
-use std::time::Duration;
+use std::collections::BTreeSet;
 
 use topup_domain::{BalanceObservation, Money, Rule, SubscriberId, TopUpOutcome};
-use topup_kafka::{decode, read_partition_to_end, Input, KafkaArgs, Output, Processor, Refusal};
+use topup_kafka::{decode, Input, KafkaArgs, Output, Processor, Refusal, StateStore};
 use topup_proto::evaluator::v1 as changelog;
 use topup_proto::v1::{BalanceUpdated, RuleUpdated, TopUpResult};
 use topup_proto::{topics, Message};
@@ -12,21 +11,23 @@ use topup_proto::{topics, Message};
 use crate::decide::{decide, Effect, Event, Settings, SubscriberState};
 use crate::metrics::{self, count};
 
-/// How long restoring one partition's state may take.
-const RESTORE_DEADLINE: Duration = Duration::from_secs(60);
-
 /// The evaluator's Kafka-facing half; the decision itself is in [`crate::decide`].
 pub struct Evaluator {
-    kafka: KafkaArgs,
     settings: Settings,
     /// State per input partition, then per subscriber id.
-    partitions: HashMap<i32, HashMap<String, SubscriberState>>,
+    store: StateStore<SubscriberState>,
+}
+
+/// A changelog value back into a subscriber's state.
+fn decode_state(bytes: &[u8]) -> Result<SubscriberState, String> {
+    let record = changelog::SubscriberState::decode(bytes).map_err(|e| e.to_string())?;
+    SubscriberState::try_from(&record).map_err(|e| e.to_string())
 }
 
 impl Evaluator {
     /// An evaluator with no partitions yet.
     pub fn new(kafka: KafkaArgs, settings: Settings) -> Self {
-        Self { kafka, settings, partitions: HashMap::new() }
+        Self { settings, store: StateStore::new(kafka, topics::EVALUATOR_STATE, decode_state) }
     }
 }
 
@@ -57,55 +58,16 @@ fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
 
 impl Processor for Evaluator {
     async fn assigned(&mut self, partitions: &BTreeSet<i32>) -> topup_kafka::Result<()> {
-        for &partition in partitions {
-            let kafka = self.kafka.clone();
-            let records = tokio::task::spawn_blocking(move || {
-                read_partition_to_end(&kafka, topics::EVALUATOR_STATE, partition, RESTORE_DEADLINE)
-            })
-            .await??;
-            let mut states = HashMap::new();
-            for record in &records {
-                let Some(key) = record.key_str() else { continue };
-                match record.payload.as_deref() {
-                    None => {
-                        states.remove(key);
-                    }
-                    Some(bytes) => {
-                        let restored = changelog::SubscriberState::decode(bytes)
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| SubscriberState::try_from(&r).map_err(|e| e.to_string()));
-                        match restored {
-                            Ok(state) => {
-                                states.insert(key.to_string(), state);
-                            }
-                            Err(error) => tracing::error!(
-                                partition, offset = record.offset, %error,
-                                "unreadable state record skipped"
-                            ),
-                        }
-                    }
-                }
-            }
-            tracing::info!(
-                partition,
-                subscribers = states.len(),
-                records = records.len(),
-                "state restored"
-            );
-            self.partitions.insert(partition, states);
-        }
-        Ok(())
+        self.store.restore(partitions).await
     }
 
     fn revoked(&mut self, partitions: &BTreeSet<i32>) {
-        for partition in partitions {
-            self.partitions.remove(partition);
-        }
+        self.store.revoke(partitions);
     }
 
     async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
         let (subscriber, event) = event_of(input).inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
-        let states = self.partitions.entry(input.partition).or_default();
+        let states = self.store.partition_mut(input.partition);
         let before = states
             .remove(subscriber.as_str())
             .unwrap_or_else(|| SubscriberState::new(subscriber.clone()));
@@ -140,19 +102,17 @@ impl Processor for Evaluator {
                     }
                 }
                 if after != kept {
-                    let mut record = Output::message(
-                        topics::EVALUATOR_STATE,
+                    out.push(self.store.record(
+                        input.partition,
                         subscriber.as_str(),
                         &after.to_record(),
-                    );
-                    record.partition = Some(input.partition);
-                    out.push(record);
+                    ));
                 }
-                states.insert(subscriber.to_string(), after);
+                self.store.partition_mut(input.partition).insert(subscriber.to_string(), after);
                 Ok(())
             }
             Err(reason) => {
-                states.insert(subscriber.to_string(), kept);
+                self.store.partition_mut(input.partition).insert(subscriber.to_string(), kept);
                 count(&metrics::DEAD_LETTERS);
                 Err(Refusal::new(reason))
             }

@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use rdkafka::consumer::{
@@ -67,6 +67,15 @@ pub trait Processor: Send {
         out: &mut Vec<Output>,
     ) -> impl Future<Output = std::result::Result<(), Refusal>> + Send;
 
+    /// Called every [`PipelineSpec::tick_every`]: produces what has come due without an
+    /// input record (a notification held over quiet hours, a delivery to retry), with the
+    /// state changes that go with it. Committed in a transaction of its own. The default
+    /// does nothing.
+    fn tick(&mut self, now: SystemTime) -> impl Future<Output = Vec<Output>> + Send {
+        let _ = now;
+        async { Vec::new() }
+    }
+
     /// Processes a batch and answers, in input order, each record's outputs or refusal.
     /// The default calls [`Processor::process`] one record after the other; a processor
     /// whose records wait on the outside world (a gateway, a mail server) may work on
@@ -100,6 +109,8 @@ pub struct PipelineSpec {
     pub inputs: Vec<&'static str>,
     /// Most records processed in one transaction.
     pub max_batch: usize,
+    /// How often [`Processor::tick`] runs; `None` never.
+    pub tick_every: Option<Duration>,
     /// Connection settings.
     pub kafka: KafkaArgs,
 }
@@ -206,11 +217,23 @@ async fn run_incarnation<P: Processor>(
     consumer.subscribe(&spec.inputs)?;
     tracing::info!(service = spec.service, inputs = ?spec.inputs, group = %spec.group_id, "pipeline started");
 
+    let mut ticks = tokio::time::interval(spec.tick_every.unwrap_or(Duration::from_secs(3600)));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             biased;
             // Between batches nothing is in flight: stopping here loses nothing.
             _ = shutdown.cancelled() => break,
+            // Between batches too: the processor's state matches what is committed.
+            _ = ticks.tick(), if spec.tick_every.is_some() => {
+                // Partitions revoked meanwhile must not be acted on by this instance.
+                apply_rebalances(spec, &consumer, &mut processor).await?;
+                let out = processor.tick(SystemTime::now()).await;
+                if !out.is_empty() {
+                    commit_outputs(&producer, &out).await?;
+                }
+                continue;
+            }
             message = consumer.recv() => message.map(|m| Input::from_message(&m)),
         };
         let mut batch = match first {
@@ -234,25 +257,12 @@ async fn run_incarnation<P: Processor>(
                 None => break,
             }
         }
-        let events = consumer.context().take();
-        if !events.is_empty() {
+        if apply_rebalances(spec, &consumer, &mut processor).await? {
             // A rebalance happened while the batch was read. Records read before it belong
             // to the old assignment: drop them, they are fetched again from the committed
             // offset by whoever owns their partition now. Keep only what came after.
             let owned = current_partitions(&consumer)?;
             batch.retain(|input| owned.contains(&input.partition));
-            for event in events {
-                match event {
-                    RebalanceEvent::Revoked(partitions) => {
-                        tracing::info!(service = spec.service, ?partitions, "partitions revoked");
-                        processor.revoked(&partitions);
-                    }
-                    RebalanceEvent::Assigned(partitions) => {
-                        tracing::info!(service = spec.service, ?partitions, "partitions assigned");
-                        processor.assigned(&partitions).await?;
-                    }
-                }
-            }
             if batch.is_empty() {
                 continue;
             }
@@ -261,6 +271,44 @@ async fn run_incarnation<P: Processor>(
         tracing::debug!(service = spec.service, records = batch.len(), "batch committed");
     }
     tracing::info!(service = spec.service, "pipeline stopped");
+    Ok(())
+}
+
+/// Tells the processor about rebalances recorded since the last call; true if any.
+async fn apply_rebalances<P: Processor>(
+    spec: &PipelineSpec,
+    consumer: &StreamConsumer<RebalanceLog>,
+    processor: &mut P,
+) -> Result<bool> {
+    let events = consumer.context().take();
+    let any = !events.is_empty();
+    for event in events {
+        match event {
+            RebalanceEvent::Revoked(partitions) => {
+                tracing::info!(service = spec.service, ?partitions, "partitions revoked");
+                processor.revoked(&partitions);
+            }
+            RebalanceEvent::Assigned(partitions) => {
+                tracing::info!(service = spec.service, ?partitions, "partitions assigned");
+                processor.assigned(&partitions).await?;
+            }
+        }
+    }
+    Ok(any)
+}
+
+/// Produces `outputs` in a transaction of their own (no input offsets).
+async fn commit_outputs(producer: &Arc<BaseProducer>, outputs: &[Output]) -> Result<()> {
+    producer.begin_transaction()?;
+    for output in outputs {
+        send(producer, output).await?;
+    }
+    let txn = producer.clone();
+    if let Err(error) = blocking(move || txn.commit_transaction(TXN_TIMEOUT)).await {
+        let txn = producer.clone();
+        let _ = blocking(move || txn.abort_transaction(TXN_TIMEOUT)).await;
+        return Err(error);
+    }
     Ok(())
 }
 

@@ -56,6 +56,7 @@ pub async fn run<C: Channel + Clone>(
             .unwrap_or_else(|| topup_kafka::instance_id("topup-notifier")),
         inputs: vec![topics::NOTIFICATIONS],
         max_batch: config.max_batch,
+        tick_every: None,
         kafka: config.kafka.clone(),
     };
     run_pipeline(spec, || Notifier::new(channel.clone()), shutdown).await

@@ -211,6 +211,7 @@ pub async fn run<G: PaymentGateway + Clone>(
         transactional_id,
         inputs,
         max_batch: config.max_batch,
+        tick_every: None,
         kafka: config.kafka.clone(),
     };
     let commands = lane(vec![topics::COMMANDS], config.group_id.clone(), transactional_id.clone());

@@ -182,6 +182,7 @@ async fn main() -> anyhow::Result<()> {
             transactional_id: "bench-baseline".into(),
             inputs: vec![topics::BALANCE],
             max_batch,
+            tick_every: None,
             kafka: baseline_kafka,
         };
         tokio::spawn(run_pipeline(spec, || Forward, stop))
