@@ -11,6 +11,7 @@ const PROTOS: &[&str] = &[
     "topup/v1/dead_letter.proto",
     "topup/evaluator/v1/state.proto",
     "topup/payment/v1/retry.proto",
+    "topup/notifier/v1/state.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

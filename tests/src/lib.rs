@@ -70,11 +70,8 @@ impl Platform {
             platform.gateway.clone(),
             platform.shutdown.clone(),
         ));
-        platform.services.spawn(topup_notifier::run(
-            topup_notifier::Config::new(kafka),
-            topup_notifier::Console,
-            platform.shutdown.clone(),
-        ));
+        let notifier = platform.notifier_config();
+        platform.start_notifier(notifier, topup_notifier::Channels::console());
         Ok(platform)
     }
 
@@ -115,6 +112,25 @@ impl Platform {
         }
         self.producer.send(record, WAIT).await.map_err(|(e, _)| anyhow::anyhow!("publish: {e}"))?;
         Ok(())
+    }
+
+    /// Notifier settings for tests: no quiet hours (tests run at any hour), fast retries.
+    pub fn notifier_config(&self) -> topup_notifier::Config {
+        let mut config = topup_notifier::Config::new(self.kafka.clone());
+        config.quiet_hours = topup_notifier::QuietHoursSetting(None);
+        config.delivery_initial_backoff_ms = 100;
+        config.delivery_max_backoff_ms = 400;
+        config.channel_timeout_ms = 2_000;
+        config
+    }
+
+    /// Starts a notifier with `config`, delivering on `channels`.
+    pub fn start_notifier(
+        &mut self,
+        config: topup_notifier::Config,
+        channels: topup_notifier::Channels,
+    ) {
+        self.services.spawn(topup_notifier::run(config, channels, self.shutdown.clone()));
     }
 
     /// Starts (another) evaluator instance.

@@ -9,6 +9,7 @@ mod mask;
 mod money;
 mod outcome;
 mod rule;
+mod signing;
 
 pub use balance::BalanceObservation;
 pub use error::{Invalid, ValidationError};
@@ -17,3 +18,4 @@ pub use mask::{mask_contact, mask_token};
 pub use money::{Currency, Money};
 pub use outcome::TopUpOutcome;
 pub use rule::{Channel, PaymentMethod, Rule, RuleState, TopUpAmount};
+pub use signing::request_signature;

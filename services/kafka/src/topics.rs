@@ -29,7 +29,11 @@ impl TopicSpec {
     pub fn all(partitions: i32) -> Vec<TopicSpec> {
         topics::ALL
             .iter()
-            .map(|name| TopicSpec { name, partitions, compacted: *name == topics::EVALUATOR_STATE })
+            .map(|name| TopicSpec {
+                name,
+                partitions,
+                compacted: matches!(*name, topics::EVALUATOR_STATE | topics::NOTIFIER_STATE),
+            })
             .collect()
     }
 }

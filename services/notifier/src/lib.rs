@@ -1,18 +1,27 @@
-//! Notifier worker: consumes `NotificationCommand`s, renders them from the
-//! [`templates`] in the subscriber's language, delivers them on a [`channel`], and publishes
-//! a `DeliveryReceipt` per attempt, in the transaction that commits the input offset.
+//! Notifier worker: consumes `NotificationCommand`s, decides with its [`policy`] whether and
+//! when each goes out, renders it from the [`templates`] in the subscriber's language,
+//! delivers it on a [`channel`], and publishes a `DeliveryReceipt` per attempt — in the
+//! transaction that commits the input offset and the subscriber's delivery history.
 
 pub mod channel;
 pub mod metrics;
 pub mod notifier;
+pub mod policy;
 pub mod templates;
 
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
 use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
 use topup_proto::topics;
 
-pub use channel::{Channel, Console};
+pub use channel::{Channel, Channels, Console, Smtp, SmtpConfig, SmtpTls, Webhook, WebhookConfig};
 pub use notifier::Notifier;
+pub use policy::{Policy, QuietHours, QuietHoursSetting, RateLimits, RetrySchedule};
 
 /// `topup-notifier` settings; `--help` lists them with their environment variables.
 #[derive(Debug, Clone, clap::Args)]
@@ -32,13 +41,195 @@ pub struct Config {
     /// Notifications processed per transaction.
     #[arg(long = "notifier-max-batch", env = "NOTIFIER_MAX_BATCH", default_value_t = 200)]
     pub max_batch: usize,
+
+    /// SMTP server for e-mail; without it e-mail goes to the console.
+    #[arg(long, env = "SMTP_HOST")]
+    pub smtp_host: Option<String>,
+
+    /// SMTP port (587 for STARTTLS, 465 for TLS, 1025 for a mail catcher).
+    #[arg(long, env = "SMTP_PORT", default_value_t = 587)]
+    pub smtp_port: u16,
+
+    /// SMTP connection protection.
+    #[arg(long, env = "SMTP_TLS", value_enum, default_value_t = SmtpTls::Starttls)]
+    pub smtp_tls: SmtpTls,
+
+    /// SMTP user name (with SMTP_PASSWORD), when the server wants authentication.
+    #[arg(long, env = "SMTP_USERNAME")]
+    pub smtp_username: Option<String>,
+
+    /// SMTP password.
+    #[arg(long, env = "SMTP_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    pub smtp_password: Option<SecretString>,
+
+    /// Sender of the e-mails.
+    #[arg(long, env = "SMTP_FROM", default_value = "Auto top-up <topup@localhost>")]
+    pub smtp_from: String,
+
+    /// SMS webhook endpoint; without it SMS go to the console.
+    #[arg(long, env = "SMS_WEBHOOK_URL")]
+    pub sms_webhook_url: Option<String>,
+
+    /// Push webhook endpoint; without it push messages go to the console.
+    #[arg(long, env = "PUSH_WEBHOOK_URL")]
+    pub push_webhook_url: Option<String>,
+
+    /// HMAC-SHA256 secret signing the webhook requests (prefer the file).
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    pub webhook_secret: Option<SecretString>,
+
+    /// File holding the webhook signing secret.
+    #[arg(long, env = "WEBHOOK_SECRET_FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+
+    /// Longest wait for an SMTP server or a webhook, in milliseconds.
+    #[arg(long, env = "CHANNEL_TIMEOUT_MS", default_value_t = 5_000)]
+    pub channel_timeout_ms: u64,
+
+    /// Local hours (in the time zone of the subscriber's locale) when non-urgent messages
+    /// are held until the end; "off" sends at any hour.
+    #[arg(long, env = "QUIET_HOURS", default_value = "22:00-08:00")]
+    pub quiet_hours: QuietHoursSetting,
+
+    /// Rate limits per subscriber and kind, KIND=N/PERIOD separated by commas; urgent
+    /// messages are never limited.
+    #[arg(
+        long,
+        env = "NOTIFIER_RATE_LIMITS",
+        default_value = DEFAULT_RATE_LIMITS
+    )]
+    pub rate_limits: RateLimits,
+
+    /// Attempts per channel for transient failures.
+    #[arg(long, env = "DELIVERY_MAX_ATTEMPTS", default_value_t = 5)]
+    pub delivery_max_attempts: u32,
+
+    /// Wait before the first delivery retry, in milliseconds; doubles for each further one.
+    #[arg(long, env = "DELIVERY_INITIAL_BACKOFF_MS", default_value_t = 1_000)]
+    pub delivery_initial_backoff_ms: u64,
+
+    /// Longest wait between delivery attempts, in milliseconds.
+    #[arg(long, env = "DELIVERY_MAX_BACKOFF_MS", default_value_t = 60_000)]
+    pub delivery_max_backoff_ms: u64,
+
+    /// How long notification ids are remembered to drop replays, in hours.
+    #[arg(long, env = "DEDUP_WINDOW_HOURS", default_value_t = 72)]
+    pub dedup_window_hours: u64,
+}
+
+const DEFAULT_RATE_LIMITS: &str =
+    "LOW_BALANCE=1/24h,CAP_REACHED=1/24h,PAYMENT_METHOD_PROBLEM=1/24h";
+
+fn parse_secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(raw.to_string()))
 }
 
 impl Config {
-    /// Defaults, connected to `kafka`.
+    /// Defaults (every channel on the console), connected to `kafka`.
     pub fn new(kafka: KafkaArgs) -> Self {
-        Self { kafka, group_id: "topup-notifier".into(), transactional_id: None, max_batch: 200 }
+        Self {
+            kafka,
+            group_id: "topup-notifier".into(),
+            transactional_id: None,
+            max_batch: 200,
+            smtp_host: None,
+            smtp_port: 587,
+            smtp_tls: SmtpTls::Starttls,
+            smtp_username: None,
+            smtp_password: None,
+            smtp_from: "Auto top-up <topup@localhost>".into(),
+            sms_webhook_url: None,
+            push_webhook_url: None,
+            webhook_secret: None,
+            webhook_secret_file: None,
+            channel_timeout_ms: 5_000,
+            quiet_hours: QuietHoursSetting(QuietHours::from_str("22:00-08:00").ok()),
+            rate_limits: RateLimits::from_str(DEFAULT_RATE_LIMITS)
+                .unwrap_or(RateLimits(Default::default())),
+            delivery_max_attempts: 5,
+            delivery_initial_backoff_ms: 1_000,
+            delivery_max_backoff_ms: 60_000,
+            dedup_window_hours: 72,
+        }
     }
+
+    /// The delivery policy these settings describe.
+    pub fn policy(&self) -> Policy {
+        Policy {
+            rate_limits: self.rate_limits.0.clone(),
+            quiet_hours: self.quiet_hours.0,
+            retry: RetrySchedule {
+                max_attempts: self.delivery_max_attempts.max(1),
+                initial_backoff: Duration::from_millis(self.delivery_initial_backoff_ms),
+                max_backoff: Duration::from_millis(
+                    self.delivery_max_backoff_ms.max(self.delivery_initial_backoff_ms),
+                ),
+            },
+            dedup_window: Duration::from_secs(self.dedup_window_hours * 3600),
+            max_remembered: 500,
+        }
+    }
+
+    /// The channels these settings describe: SMTP and webhooks where configured, the
+    /// console for the rest.
+    pub fn channels(&self) -> anyhow::Result<Channels> {
+        let timeout = Duration::from_millis(self.channel_timeout_ms.max(1));
+        let email = match &self.smtp_host {
+            None => None,
+            Some(host) => Some(Smtp::new(&SmtpConfig {
+                host: host.clone(),
+                port: self.smtp_port,
+                tls: self.smtp_tls,
+                credentials: match (&self.smtp_username, &self.smtp_password) {
+                    (Some(user), Some(password)) => Some((user.clone(), password.clone())),
+                    (None, None) => None,
+                    _ => anyhow::bail!("SMTP_USERNAME and SMTP_PASSWORD go together"),
+                },
+                from: self.smtp_from.clone(),
+                timeout,
+            })?),
+        };
+        let webhook = |url: &Option<String>| -> anyhow::Result<Option<Webhook>> {
+            let Some(url) = url else { return Ok(None) };
+            let secret = match (&self.webhook_secret, &self.webhook_secret_file) {
+                (Some(secret), _) => secret.clone(),
+                (None, Some(path)) => SecretString::from(
+                    std::fs::read_to_string(path)
+                        .with_context(|| format!("reading WEBHOOK_SECRET_FILE {}", path.display()))?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                ),
+                (None, None) => {
+                    anyhow::bail!("a webhook URL needs WEBHOOK_SECRET or WEBHOOK_SECRET_FILE")
+                }
+            };
+            Ok(Some(Webhook::new(WebhookConfig { url: url.clone(), secret, timeout })?))
+        };
+        Ok(Channels {
+            email,
+            sms: webhook(&self.sms_webhook_url)?,
+            push: webhook(&self.push_webhook_url)?,
+        })
+    }
+}
+
+/// The `topup-notifier` command line: parse, log, run until Ctrl-C or SIGTERM.
+pub async fn main_from_args() -> anyhow::Result<()> {
+    #[derive(clap::Parser)]
+    #[command(
+        version,
+        about = "Notifier: notification commands -> messages in the subscriber's language"
+    )]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+    let cli = <Cli as clap::Parser>::parse();
+    topup_kafka::init_logging();
+    let channels = cli.config.channels()?;
+    tracing::info!(channels = %channels.describe(), "notifier channels");
+    run(cli.config, channels, topup_kafka::shutdown_on_signal()).await?;
+    Ok(())
 }
 
 /// Runs the notifier, delivering through `channel`, until `shutdown` is cancelled.
@@ -47,6 +238,7 @@ pub async fn run<C: Channel + Clone>(
     channel: C,
     shutdown: CancellationToken,
 ) -> topup_kafka::Result<()> {
+    let policy = config.policy();
     let spec = PipelineSpec {
         service: "topup-notifier",
         group_id: config.group_id.clone(),
@@ -56,8 +248,11 @@ pub async fn run<C: Channel + Clone>(
             .unwrap_or_else(|| topup_kafka::instance_id("topup-notifier")),
         inputs: vec![topics::NOTIFICATIONS],
         max_batch: config.max_batch,
-        tick_every: None,
+        // Held and retried messages go out within this of being due.
+        tick_every: Some(Duration::from_millis(200)),
         kafka: config.kafka.clone(),
     };
-    run_pipeline(spec, || Notifier::new(channel.clone()), shutdown).await
+    let kafka = config.kafka.clone();
+    run_pipeline(spec, || Notifier::new(channel.clone(), policy.clone(), kafka.clone()), shutdown)
+        .await
 }

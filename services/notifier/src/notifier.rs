@@ -1,128 +1,342 @@
-//! Where a message leaves: a `NotificationCommand` is rendered in the subscriber's language
-//! and delivered on each of their channels; every attempt publishes a `DeliveryReceipt`.
-use std::collections::{HashSet, VecDeque};
+//! Where a message leaves. A `NotificationCommand` is checked against the subscriber's
+//! delivery history ([`Policy`]: duplicates, rate limits, quiet hours), rendered in their
+//! language and delivered on each of their channels. Every attempt, suppression and
+//! deferral publishes a `DeliveryReceipt`; when every channel fails for good, one more
+//! receipt says the subscriber could not be told (`UNDELIVERABLE`), for alerting.
+//!
+//! The history lives in the `topup.notifier-state.v1` changelog (same partition as the
+//! notification), so de-duplication and rate limits hold across restarts. Messages held
+//! over quiet hours and channels waiting for a retry are in it too; the pipeline's tick
+//! sends them when due.
+use std::collections::BTreeSet;
+use std::time::SystemTime;
 
 use topup_domain::{mask_contact, SubscriberId};
-use topup_kafka::{decode, now_timestamp, Input, Output, Processor, Refusal};
-use topup_proto::topics;
-use topup_proto::v1::{ChannelKind, DeliveryReceipt, DeliveryStatus, NotificationCommand};
+use topup_kafka::{
+    decode, system_time, timestamp_of, Input, KafkaArgs, Output, Processor, Refusal, StateStore,
+};
+use topup_proto::notifier::v1::{Pending, SubscriberDeliveries};
+use topup_proto::v1::{
+    ChannelKind, DeliveryReceipt, DeliveryStatus, NotificationCommand, NotificationKind,
+};
+use topup_proto::{topics, Message};
 
 use crate::channel::{Channel, ChannelError, Delivery};
 use crate::metrics::{self, count};
+use crate::policy::{Admission, Policy};
 use crate::templates::render;
-
-/// How many recent notification ids are remembered to drop duplicates.
-const DEDUP_WINDOW: usize = 100_000;
 
 /// The notifier's processor.
 pub struct Notifier<C> {
     channel: C,
-    recent: HashSet<String>,
-    order: VecDeque<String>,
+    policy: Policy,
+    store: StateStore<SubscriberDeliveries>,
+    /// Earliest due time of anything pending; `None` when nothing is.
+    next_due: Option<SystemTime>,
 }
 
-impl<C: Channel> Notifier<C> {
-    /// A notifier delivering through `channel`.
-    pub fn new(channel: C) -> Self {
-        Self { channel, recent: HashSet::new(), order: VecDeque::new() }
-    }
-
-    /// Remembers `id`; false when it was seen within the window.
-    fn first_time(&mut self, id: &str) -> bool {
-        if self.recent.contains(id) {
-            return false;
-        }
-        self.recent.insert(id.to_string());
-        self.order.push_back(id.to_string());
-        if self.order.len() > DEDUP_WINDOW {
-            if let Some(old) = self.order.pop_front() {
-                self.recent.remove(&old);
-            }
-        }
-        true
-    }
+fn decode_state(bytes: &[u8]) -> Result<SubscriberDeliveries, String> {
+    SubscriberDeliveries::decode(bytes).map_err(|e| e.to_string())
 }
 
+#[allow(clippy::too_many_arguments)]
 fn receipt(
     n: &NotificationCommand,
     channel: ChannelKind,
     status: DeliveryStatus,
+    attempt: u32,
     destination: String,
     detail: String,
-) -> DeliveryReceipt {
-    DeliveryReceipt {
+) -> Output {
+    let receipt = DeliveryReceipt {
         notification_id: n.notification_id.clone(),
         subscriber_id: n.subscriber_id.clone(),
         kind: n.kind,
         channel: channel as i32,
         status: status as i32,
-        attempt: 1,
+        attempt,
         destination,
         detail,
         locale: n.locale.clone(),
-        at: Some(now_timestamp()),
+        at: Some(topup_kafka::now_timestamp()),
+    };
+    Output::message(topics::DELIVERIES, &n.subscriber_id, &receipt)
+}
+
+fn suppressed(n: &NotificationCommand, detail: &str) -> Output {
+    count(&metrics::SUPPRESSED);
+    receipt(
+        n,
+        ChannelKind::Unspecified,
+        DeliveryStatus::Suppressed,
+        0,
+        String::new(),
+        detail.into(),
+    )
+}
+
+/// Every channel of `n`, none tried yet.
+fn all_channels(n: &NotificationCommand, due: SystemTime) -> Pending {
+    let count = u32::try_from(n.channels.len()).unwrap_or(u32::MAX);
+    Pending {
+        notification: Some(n.clone()),
+        channels: (0..count).collect(),
+        attempts: vec![0; n.channels.len()],
+        due: Some(timestamp_of(due)),
+        delivered_somewhere: false,
+    }
+}
+
+fn validate(input: &Input) -> Result<NotificationCommand, Refusal> {
+    let n: NotificationCommand = decode(input, |n: &NotificationCommand| &n.subscriber_id)?;
+    SubscriberId::parse(&n.subscriber_id)?;
+    if n.notification_id.is_empty() {
+        return Err(Refusal::new("notification_id: is required"));
+    }
+    match NotificationKind::try_from(n.kind) {
+        Ok(NotificationKind::Unspecified) | Err(_) => {
+            Err(Refusal::new(format!("kind: {} is not a known notification kind", n.kind)))
+        }
+        Ok(_) => Ok(n),
+    }
+}
+
+impl<C: Channel> Notifier<C> {
+    /// A notifier delivering through `channel` under `policy`, its history in the changelog.
+    pub fn new(channel: C, policy: Policy, kafka: KafkaArgs) -> Self {
+        Self {
+            channel,
+            policy,
+            store: StateStore::new(kafka, topics::NOTIFIER_STATE, decode_state),
+            next_due: None,
+        }
+    }
+
+    /// One attempt on each channel still to deliver; a receipt per attempt. Returns what is
+    /// left to retry (channels of one notification are retried together, at the earliest
+    /// backoff among them).
+    async fn attempt(
+        &self,
+        pending: Pending,
+        now: SystemTime,
+        out: &mut Vec<Output>,
+    ) -> Option<Pending> {
+        let n = pending.notification?;
+        let rendered = render(&n);
+        let mut left = Pending {
+            notification: None,
+            channels: Vec::new(),
+            attempts: Vec::new(),
+            due: None,
+            delivered_somewhere: pending.delivered_somewhere,
+        };
+        let mut next: Option<SystemTime> = None;
+        for (i, &index) in pending.channels.iter().enumerate() {
+            let attempt = pending.attempts.get(i).copied().unwrap_or(0) + 1;
+            let Some(channel) = usize::try_from(index).ok().and_then(|i| n.channels.get(i)) else {
+                continue;
+            };
+            let kind = ChannelKind::try_from(channel.kind).unwrap_or(ChannelKind::Unspecified);
+            let masked = mask_contact(&channel.address);
+            let delivery = Delivery {
+                notification_id: &n.notification_id,
+                notification: NotificationKind::try_from(n.kind)
+                    .unwrap_or(NotificationKind::Unspecified),
+                kind,
+                address: &channel.address,
+                masked: &masked,
+                subscriber_id: &n.subscriber_id,
+                locale: rendered.locale,
+                subject: &rendered.subject,
+                text: &rendered.text,
+                urgent: n.urgent,
+            };
+            match self.channel.deliver(&delivery).await {
+                Ok(()) => {
+                    count(&metrics::DELIVERED);
+                    left.delivered_somewhere = true;
+                    out.push(receipt(
+                        &n,
+                        kind,
+                        DeliveryStatus::Delivered,
+                        attempt,
+                        masked,
+                        String::new(),
+                    ));
+                }
+                Err(ChannelError::Transient(detail))
+                    if attempt < self.policy.retry.max_attempts =>
+                {
+                    count(&metrics::FAILED);
+                    let wait = self.policy.retry.backoff(attempt);
+                    tracing::warn!(subscriber = %n.subscriber_id, destination = %masked, attempt, ?wait, %detail, "delivery failed; will retry");
+                    out.push(receipt(
+                        &n,
+                        kind,
+                        DeliveryStatus::Failed,
+                        attempt,
+                        masked,
+                        format!("{detail}; retry in {wait:?}"),
+                    ));
+                    left.channels.push(index);
+                    left.attempts.push(attempt);
+                    next = Some(next.map_or(now + wait, |t| t.min(now + wait)));
+                }
+                Err(error) => {
+                    count(&metrics::FAILED);
+                    tracing::warn!(subscriber = %n.subscriber_id, destination = %masked, attempt, %error, "delivery failed for good");
+                    out.push(receipt(
+                        &n,
+                        kind,
+                        DeliveryStatus::Failed,
+                        attempt,
+                        masked,
+                        error.to_string(),
+                    ));
+                }
+            }
+        }
+        match next {
+            Some(due) => {
+                left.due = Some(timestamp_of(due));
+                left.notification = Some(n);
+                Some(left)
+            }
+            None => {
+                if !left.delivered_somewhere {
+                    count(&metrics::UNDELIVERABLE);
+                    tracing::error!(subscriber = %n.subscriber_id, notification_id = %n.notification_id, "every channel failed: the subscriber could not be told");
+                    out.push(receipt(
+                        &n,
+                        ChannelKind::Unspecified,
+                        DeliveryStatus::Undeliverable,
+                        0,
+                        String::new(),
+                        "every channel failed".into(),
+                    ));
+                }
+                None
+            }
+        }
+    }
+
+    fn schedule(&mut self, pending: &Pending) {
+        if let Some(due) = pending.due.as_ref().map(system_time) {
+            self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
+        }
     }
 }
 
 impl<C: Channel> Processor for Notifier<C> {
-    async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
-        let notification: NotificationCommand =
-            decode(input, |n: &NotificationCommand| &n.subscriber_id)?;
-        SubscriberId::parse(&notification.subscriber_id)?;
-        if notification.notification_id.is_empty() {
-            return Err(Refusal::new("notification_id: is required"));
-        }
-        let key = notification.subscriber_id.as_str();
-        if !self.first_time(&notification.notification_id) {
-            count(&metrics::SUPPRESSED);
-            let r = receipt(
-                &notification,
-                ChannelKind::Unspecified,
-                DeliveryStatus::Suppressed,
-                String::new(),
-                "duplicate notification id".into(),
-            );
-            out.push(Output::message(topics::DELIVERIES, key, &r));
-            return Ok(());
-        }
-        if notification.channels.is_empty() {
-            count(&metrics::SUPPRESSED);
-            let r = receipt(
-                &notification,
-                ChannelKind::Unspecified,
-                DeliveryStatus::Suppressed,
-                String::new(),
-                "subscriber has no notification channel".into(),
-            );
-            out.push(Output::message(topics::DELIVERIES, key, &r));
-            return Ok(());
-        }
-        let rendered = render(&notification);
-        for channel in &notification.channels {
-            let kind = ChannelKind::try_from(channel.kind).unwrap_or(ChannelKind::Unspecified);
-            let masked = mask_contact(&channel.address);
-            let delivery = Delivery {
-                kind,
-                address: &channel.address,
-                masked: &masked,
-                subscriber_id: key,
-                locale: rendered.locale,
-                text: &rendered.text,
-            };
-            let (status, detail) = match self.channel.deliver(&delivery).await {
-                Ok(()) => {
-                    count(&metrics::DELIVERED);
-                    (DeliveryStatus::Delivered, String::new())
-                }
-                Err(error @ (ChannelError::Transient(_) | ChannelError::Permanent(_))) => {
-                    count(&metrics::FAILED);
-                    tracing::warn!(subscriber = key, destination = %masked, %error, "delivery failed");
-                    (DeliveryStatus::Failed, error.to_string())
-                }
-            };
-            let r = receipt(&notification, kind, status, masked.clone(), detail);
-            out.push(Output::message(topics::DELIVERIES, key, &r));
-        }
+    async fn assigned(&mut self, partitions: &BTreeSet<i32>) -> topup_kafka::Result<()> {
+        self.store.restore(partitions).await?;
+        // Look at everything restored on the next tick.
+        self.next_due = Some(SystemTime::UNIX_EPOCH);
         Ok(())
+    }
+
+    fn revoked(&mut self, partitions: &BTreeSet<i32>) {
+        self.store.revoke(partitions);
+    }
+
+    async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
+        let n = validate(input).inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        // The record's time, so that a replay decides the same way.
+        let now = system_time(&input.time());
+        let states = self.store.partition_mut(input.partition);
+        let mut state = states.remove(&n.subscriber_id).unwrap_or_else(|| SubscriberDeliveries {
+            subscriber_id: n.subscriber_id.clone(),
+            ..Default::default()
+        });
+        let before = state.clone();
+        match self.policy.admit(&state, &n, now) {
+            Admission::Duplicate => out.push(suppressed(&n, "duplicate notification id")),
+            Admission::RateLimited(reason) => {
+                self.policy.remember(&mut state, &n, false, now);
+                out.push(suppressed(&n, &reason));
+            }
+            _ if n.channels.is_empty() => {
+                self.policy.remember(&mut state, &n, false, now);
+                out.push(suppressed(&n, "subscriber has no notification channel"));
+            }
+            Admission::Deferred { until, zone } => {
+                count(&metrics::DEFERRED);
+                self.policy.remember(&mut state, &n, true, now);
+                let until_text = chrono::DateTime::<chrono::Utc>::from(until).with_timezone(&zone);
+                out.push(receipt(
+                    &n,
+                    ChannelKind::Unspecified,
+                    DeliveryStatus::Deferred,
+                    0,
+                    String::new(),
+                    format!(
+                        "quiet hours in {zone}: held until {}",
+                        until_text.format("%Y-%m-%d %H:%M %Z")
+                    ),
+                ));
+                let pending = all_channels(&n, until);
+                self.schedule(&pending);
+                state.pending.push(pending);
+            }
+            Admission::Deliver => {
+                self.policy.remember(&mut state, &n, true, now);
+                if let Some(left) =
+                    self.attempt(all_channels(&n, now), SystemTime::now(), out).await
+                {
+                    self.schedule(&left);
+                    state.pending.push(left);
+                }
+            }
+        }
+        if state != before {
+            out.push(self.store.record(input.partition, &n.subscriber_id, &state));
+        }
+        self.store.partition_mut(input.partition).insert(n.subscriber_id.clone(), state);
+        Ok(())
+    }
+
+    async fn tick(&mut self, now: SystemTime) -> Vec<Output> {
+        let mut out = Vec::new();
+        if self.next_due.is_none_or(|due| due > now) {
+            return out;
+        }
+        // Take what is due out of the states; note when the rest is due.
+        let mut due = Vec::new();
+        let mut next: Option<SystemTime> = None;
+        for (partition, states) in self.store.partitions_mut() {
+            for (subscriber, state) in states.iter_mut() {
+                let (ready, waiting): (Vec<Pending>, Vec<Pending>) =
+                    std::mem::take(&mut state.pending)
+                        .into_iter()
+                        .partition(|p| p.due.as_ref().is_none_or(|d| system_time(d) <= now));
+                for p in &waiting {
+                    if let Some(d) = p.due.as_ref().map(system_time) {
+                        next = Some(next.map_or(d, |t| t.min(d)));
+                    }
+                }
+                state.pending = waiting;
+                if !ready.is_empty() {
+                    due.push((partition, subscriber.clone(), ready));
+                }
+            }
+        }
+        self.next_due = next;
+        for (partition, subscriber, ready) in due {
+            let mut left = Vec::new();
+            for pending in ready {
+                if let Some(rest) = self.attempt(pending, now, &mut out).await {
+                    left.push(rest);
+                }
+            }
+            for pending in &left {
+                self.schedule(pending);
+            }
+            let states = self.store.partition_mut(partition);
+            let Some(state) = states.get_mut(&subscriber) else { continue };
+            state.pending.extend(left);
+            let state = state.clone();
+            out.push(self.store.record(partition, &subscriber, &state));
+        }
+        out
     }
 }

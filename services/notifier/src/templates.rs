@@ -1,7 +1,8 @@
 //! Message templates per notification kind and locale, kept as files under
 //! `services/notifier/templates/<locale>/` and compiled in. Fallback chain: the exact
 //! locale (`zh-CN`), then any shipped locale of the same language (`zh-HK` → `zh-CN`),
-//! then `en`.
+//! then `en`. Amounts follow the requested locale's number format even when its text
+//! falls back (`de-DE` reads English with `50,00 €`).
 use std::collections::HashMap;
 
 use topup_domain::Money;
@@ -23,6 +24,7 @@ macro_rules! locale {
             cap_reached: include_str!(concat!("../templates/", $dir, "/cap_reached.txt")),
             rule_activated: include_str!(concat!("../templates/", $dir, "/rule_activated.txt")),
             reasons: include_str!(concat!("../templates/", $dir, "/reasons.txt")),
+            subjects: include_str!(concat!("../templates/", $dir, "/subjects.txt")),
         }
     };
 }
@@ -37,6 +39,7 @@ struct Locale {
     cap_reached: &'static str,
     rule_activated: &'static str,
     reasons: &'static str,
+    subjects: &'static str,
 }
 
 /// Shipped locales; the first is the last resort.
@@ -60,17 +63,37 @@ fn pick(requested: &str) -> &'static Locale {
         .unwrap_or(&LOCALES[0])
 }
 
-fn reason_text(locale: &Locale, code: &str) -> String {
-    locale
-        .reasons
+/// The value of `code` in a `key = text` file.
+fn lookup(table: &str, code: &str) -> Option<String> {
+    table
         .lines()
         .filter_map(|line| line.split_once('='))
         .find(|(key, _)| key.trim() == code)
-        .map_or_else(|| code.to_string(), |(_, text)| text.trim().to_string())
+        .map(|(_, text)| text.trim().to_string())
 }
 
-/// Formats money for people: `¥50.00`, `€10.00`, `US$5.00`, or `10.00 KWD`.
-pub fn format_money(money: &Money) -> String {
+fn reason_text(locale: &Locale, code: &str) -> String {
+    lookup(locale.reasons, code).unwrap_or_else(|| code.to_string())
+}
+
+/// Languages that write `10,00 €` rather than `€10.00`.
+const DECIMAL_COMMA: &[&str] = &["de", "fr", "es", "it", "pt", "nl", "ru", "pl", "tr", "id", "vi"];
+
+/// Formats money for people in `locale`: `¥50.00`, `€10.00`, `US$5.00`, `10.00 KWD`; and
+/// `10,00 €` where the locale's language writes a decimal comma.
+pub fn format_money(money: &Money, locale: &str) -> String {
+    let language = locale.split(['-', '_']).next().unwrap_or_default().to_ascii_lowercase();
+    if DECIMAL_COMMA.contains(&language.as_str()) {
+        let decimal = money.decimal().replace('.', ",");
+        let symbol = match money.currency.code() {
+            "EUR" => "€",
+            "GBP" => "£",
+            "CNY" | "JPY" => "¥",
+            "USD" => "$",
+            other => other,
+        };
+        return format!("{decimal} {symbol}");
+    }
     let symbol = match money.currency.code() {
         "CNY" => "¥",
         "JPY" => "¥",
@@ -92,6 +115,8 @@ pub fn format_money(money: &Money) -> String {
 pub struct Rendered {
     /// Locale of the text.
     pub locale: &'static str,
+    /// E-mail subject / push title.
+    pub subject: String,
     /// The text.
     pub text: String,
 }
@@ -101,6 +126,11 @@ pub fn render(notification: &NotificationCommand) -> Rendered {
     let locale = pick(&notification.locale);
     let kind =
         NotificationKind::try_from(notification.kind).unwrap_or(NotificationKind::Unspecified);
+    let kind_name =
+        kind.as_str_name().trim_start_matches("NOTIFICATION_KIND_").to_ascii_lowercase();
+    let subject = lookup(locale.subjects, &kind_name)
+        .or_else(|| lookup(LOCALES[0].subjects, &kind_name))
+        .unwrap_or_default();
     let template = match kind {
         NotificationKind::LowBalance | NotificationKind::Unspecified => locale.low_balance,
         NotificationKind::TopUpStarted => locale.top_up_started,
@@ -117,7 +147,7 @@ pub fn render(notification: &NotificationCommand) -> Rendered {
         ("threshold", &notification.threshold),
     ] {
         if let Some(m) = money.as_ref().and_then(|m| Money::try_from(m).ok()) {
-            values.insert(name, format_money(&m));
+            values.insert(name, format_money(&m, &notification.locale));
         }
     }
     for (key, value) in &notification.parameters {
@@ -131,7 +161,7 @@ pub fn render(notification: &NotificationCommand) -> Rendered {
     for (name, value) in values {
         text = text.replace(&format!("{{{name}}}"), &value);
     }
-    Rendered { locale: locale.tag, text }
+    Rendered { locale: locale.tag, subject, text }
 }
 
 #[cfg(test)]
@@ -170,6 +200,7 @@ mod tests {
                 assert_eq!(rendered.locale, locale);
                 assert!(!rendered.text.contains('{'), "{locale} {kind:?}: {}", rendered.text);
                 assert!(!rendered.text.is_empty());
+                assert!(!rendered.subject.is_empty(), "{locale} {kind:?} has no subject");
             }
         }
     }
@@ -178,6 +209,22 @@ mod tests {
     fn renders_chinese_with_yuan_and_translated_reasons() {
         let text = render(&sample(NotificationKind::TopUpFailed, "zh-CN")).text;
         assert_eq!(text, "自动充值 ¥50.00 失败：银行卡已过期。请更新您的支付方式，以免停机。");
+    }
+
+    #[test]
+    fn amounts_follow_the_locales_number_format() {
+        let eur = Money::new(topup_domain::Currency::parse("EUR").unwrap(), 1000);
+        assert_eq!(format_money(&eur, "en"), "€10.00");
+        assert_eq!(format_money(&eur, "de-DE"), "10,00 €");
+        assert_eq!(format_money(&eur, "fr"), "10,00 €");
+        let cny = Money::new(topup_domain::Currency::parse("CNY").unwrap(), 1050);
+        assert_eq!(format_money(&cny, "zh-CN"), "¥10.50");
+        // A German subscriber gets the English text (no German templates) with German numbers.
+        let mut n = sample(NotificationKind::TopUpFailed, "de-DE");
+        n.amount = Some(WireMoney { currency: "EUR".into(), amount_minor: 5000 });
+        let rendered = render(&n);
+        assert_eq!(rendered.locale, "en");
+        assert!(rendered.text.contains("50,00 €"), "{}", rendered.text);
     }
 
     #[test]

@@ -28,6 +28,15 @@ pub mod payment {
     }
 }
 
+/// Package `topup.notifier.v1`: the notifier's changelog records.
+pub mod notifier {
+    /// Version 1.
+    pub mod v1 {
+        include!(concat!(env!("OUT_DIR"), "/topup.notifier.v1.rs"));
+        include!(concat!(env!("OUT_DIR"), "/topup.notifier.v1.serde.rs"));
+    }
+}
+
 pub use pbjson_types::Timestamp;
 pub use prost::Message;
 
@@ -51,6 +60,8 @@ pub mod topics {
     pub const EVALUATOR_STATE: &str = "topup.evaluator-state.v1";
     /// `topup.payment.v1.ChargeRetry`, charges waiting for another attempt (internal).
     pub const PAYMENT_RETRIES: &str = "topup.payment-retries.v1";
+    /// `topup.notifier.v1.SubscriberDeliveries`, the notifier's compacted changelog (internal).
+    pub const NOTIFIER_STATE: &str = "topup.notifier-state.v1";
 
     /// Every topic, in the order they are created.
     pub const ALL: &[&str] = &[
@@ -63,6 +74,7 @@ pub mod topics {
         DLQ,
         EVALUATOR_STATE,
         PAYMENT_RETRIES,
+        NOTIFIER_STATE,
     ];
 }
 

@@ -62,9 +62,13 @@ async fn main() -> anyhow::Result<()> {
         topup_payment_worker::Sandbox::new(),
         shutdown.clone(),
     ));
+    let mut notifier = topup_notifier::Config::new(kafka.clone());
+    // The demo shows every message at once; a deployed notifier holds non-urgent ones over
+    // the subscriber's night (QUIET_HOURS, default 22:00-08:00).
+    notifier.quiet_hours = topup_notifier::QuietHoursSetting(None);
     tasks.spawn(topup_notifier::run(
-        topup_notifier::Config::new(kafka.clone()),
-        topup_notifier::Console,
+        notifier,
+        topup_notifier::Channels::console(),
         shutdown.clone(),
     ));
     let simulator = (!cli.no_simulator).then(|| {

@@ -1,14 +1,24 @@
-//! Notification channels behind one trait; one file per implementation.
+//! Notification channels behind one trait; one file per implementation. [`Channels`]
+//! routes each delivery to the implementation configured for its kind (e-mail → SMTP,
+//! SMS and push → their webhooks); a kind with nothing configured goes to the console.
 mod console;
+mod smtp;
+mod webhook;
 
 use std::future::Future;
 
 pub use console::Console;
-use topup_proto::v1::ChannelKind;
+pub use smtp::{Smtp, SmtpConfig, SmtpTls};
+use topup_proto::v1::{ChannelKind, NotificationKind};
+pub use webhook::{Webhook, WebhookBody, WebhookConfig};
 
-/// A message ready to go out.
+/// A message ready to go out on one channel.
 #[derive(Debug, Clone)]
 pub struct Delivery<'a> {
+    /// The notification's id; with the channel, the receiver's idempotency key.
+    pub notification_id: &'a str,
+    /// What it is about.
+    pub notification: NotificationKind,
     /// SMS, e-mail, push, console.
     pub kind: ChannelKind,
     /// Unmasked contact (phone, e-mail, push token); never logged as is.
@@ -19,17 +29,21 @@ pub struct Delivery<'a> {
     pub subscriber_id: &'a str,
     /// Locale of the text.
     pub locale: &'a str,
+    /// E-mail subject / push title.
+    pub subject: &'a str,
     /// The text.
     pub text: &'a str,
+    /// Ignores quiet hours (a failed top-up).
+    pub urgent: bool,
 }
 
-/// Why a delivery failed.
+/// Why a delivery failed, sorted once into what a retry may fix and what it cannot.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ChannelError {
-    /// May work if tried again.
+    /// May work if tried again (timeout, 4xx SMTP reply, HTTP 5xx or 429).
     #[error("temporary failure: {0}")]
     Transient(String),
-    /// Will not work for this address.
+    /// Will not work for this address (5xx SMTP reply, HTTP 4xx, invalid address).
     #[error("permanent failure: {0}")]
     Permanent(String),
 }
@@ -41,4 +55,56 @@ pub trait Channel: Send + Sync + 'static {
         &self,
         delivery: &Delivery<'_>,
     ) -> impl Future<Output = Result<(), ChannelError>> + Send;
+}
+
+/// The channels a notifier delivers on, by kind.
+#[derive(Debug, Clone, Default)]
+pub struct Channels {
+    /// E-mail; the console when `None`.
+    pub email: Option<Smtp>,
+    /// SMS; the console when `None`.
+    pub sms: Option<Webhook>,
+    /// Push; the console when `None`.
+    pub push: Option<Webhook>,
+}
+
+impl Channels {
+    /// Every kind on the console (the embedded default).
+    pub fn console() -> Self {
+        Self::default()
+    }
+
+    /// One line per kind saying where it goes, for the startup log.
+    pub fn describe(&self) -> String {
+        format!(
+            "e-mail: {}, SMS: {}, push: {}",
+            self.email.as_ref().map_or("console".to_string(), Smtp::describe),
+            self.sms.as_ref().map_or("console".to_string(), Webhook::describe),
+            self.push.as_ref().map_or("console".to_string(), Webhook::describe),
+        )
+    }
+}
+
+impl Channel for Channels {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<(), ChannelError> {
+        match delivery.kind {
+            ChannelKind::Email if self.email.is_some() => {
+                if let Some(smtp) = &self.email {
+                    return smtp.deliver(delivery).await;
+                }
+            }
+            ChannelKind::Sms if self.sms.is_some() => {
+                if let Some(sms) = &self.sms {
+                    return sms.deliver(delivery).await;
+                }
+            }
+            ChannelKind::Push if self.push.is_some() => {
+                if let Some(push) = &self.push {
+                    return push.deliver(delivery).await;
+                }
+            }
+            _ => {}
+        }
+        Console.deliver(delivery).await
+    }
 }
