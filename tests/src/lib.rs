@@ -1,6 +1,8 @@
 //! Test harness: the platform on a fresh mock cluster, publishing helpers, and readers that
 //! wait for records with a deadline (never a sleep).
 pub mod gateway_server;
+pub mod smtp_sink;
+pub mod webhook_server;
 
 use std::time::Duration;
 
@@ -314,6 +316,24 @@ impl<T: topup_proto::Message + Default> Reader<T> {
         }
         consumer.assign(&assignment)?;
         Ok(Self { consumer, topic, seen: Vec::new() })
+    }
+
+    /// Reads until `count` records read so far satisfy `found`, or fails after [`WAIT`].
+    pub async fn wait_for_count(
+        &mut self,
+        what: &str,
+        count: usize,
+        found: impl Fn(&T) -> bool,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while self.seen.iter().filter(|r| found(r)).count() < count {
+            let message = match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(message) => message?,
+                Err(_) => bail!("timed out after {WAIT:?} waiting on {} for {what}", self.topic),
+            };
+            self.seen.push(T::decode(message.payload().unwrap_or_default())?);
+        }
+        Ok(())
     }
 
     /// Reads until some record read so far satisfies `found`, or fails after [`WAIT`].
