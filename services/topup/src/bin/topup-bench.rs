@@ -161,6 +161,7 @@ fn peak_rss_mib() -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    topup_kafka::init_logging();
     let embedded = EmbeddedKafka::start(PARTITIONS)?;
     embedded.cluster().create_topic(SINK, PARTITIONS, 3)?;
     let kafka = KafkaArgs::new(embedded.bootstrap_servers());
