@@ -7,6 +7,7 @@
 //! stale balance events change nothing; without an active rule a low balance gets one
 //! reminder per crossing of the reminder level.
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use topup_domain::{
     command_id, idempotency_key, notification_id, BalanceObservation, Money, Rule, RuleState,
@@ -20,8 +21,8 @@ use topup_proto::Timestamp;
 pub struct SubscriberState {
     /// Whose state.
     pub subscriber: SubscriberId,
-    /// The last valid rule (none, or deleted).
-    pub rule: Option<Rule>,
+    /// The last valid rule (none, or deleted). Shared: copying a state copies no rule.
+    pub rule: Option<Arc<Rule>>,
     /// The last balance seen.
     pub balance: Option<LastBalance>,
     /// The top-up in flight.
@@ -198,7 +199,7 @@ pub fn decide(
                     ));
                 }
             }
-            let was_active = state.rule.as_ref().is_some_and(Rule::is_active);
+            let was_active = state.rule.as_deref().is_some_and(Rule::is_active);
             let changed = state.rule.as_ref().map(|r| &r.wire) != Some(&rule.wire);
             if rule.state == RuleState::Deleted {
                 state.rule = None;
@@ -216,7 +217,7 @@ pub fn decide(
                         now,
                     )));
                 }
-                state.rule = Some(rule);
+                state.rule = Some(Arc::new(rule));
             }
         }
         Event::Outcome(outcome) => {
@@ -325,7 +326,7 @@ fn remind_if_due(
     settings: &Settings,
     effects: &mut Vec<Effect>,
 ) {
-    if state.rule.as_ref().is_some_and(Rule::is_active) {
+    if state.rule.as_deref().is_some_and(Rule::is_active) {
         return;
     }
     let Some(balance) = &state.balance else { return };

@@ -101,11 +101,11 @@ impl Processor for Evaluator {
                         }
                     }
                 }
-                if after != kept {
-                    out.push(self.store.record(
+                if after.differs_from(&kept) {
+                    out.push(self.store.record_bytes(
                         input.partition,
                         subscriber.as_str(),
-                        &after.to_record(),
+                        after.encode_record(),
                     ));
                 }
                 self.store.partition_mut(input.partition).insert(subscriber.to_string(), after);

@@ -81,6 +81,17 @@ impl<T> StateStore<T> {
         self.partitions.iter_mut().map(|(p, states)| (*p, states))
     }
 
+    /// The changelog record of `key`'s new state, already encoded.
+    pub fn record_bytes(&self, partition: i32, key: &str, encoded: Vec<u8>) -> Output {
+        Output {
+            topic: self.changelog,
+            partition: Some(partition),
+            key: key.as_bytes().to_vec(),
+            payload: Some(encoded),
+            headers: Vec::new(),
+        }
+    }
+
     /// The changelog record of `key`'s new state, on the partition of its input.
     pub fn record(&self, partition: i32, key: &str, state: &impl prost::Message) -> Output {
         let mut record = Output::message(self.changelog, key, state);
