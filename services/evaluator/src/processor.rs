@@ -1,11 +1,12 @@
 //! Where a record becomes a decision: decode and validate the input, load the subscriber's
 //! state, `decide`, and turn the effects and the new state into records.
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use topup_domain::{BalanceObservation, Money, Rule, SubscriberId, TopUpOutcome};
 use topup_kafka::{decode, Input, KafkaArgs, Output, Processor, Refusal, StateStore};
 use topup_proto::evaluator::v1 as changelog;
-use topup_proto::v1::{BalanceUpdated, RuleUpdated, TopUpResult};
+use topup_proto::v1::{self as wire, BalanceUpdated, RuleUpdated, TopUpResult};
 use topup_proto::{topics, Message};
 
 use crate::decide::{decide, Effect, Event, Settings, SubscriberState};
@@ -18,16 +19,60 @@ pub struct Evaluator {
     store: StateStore<SubscriberState>,
 }
 
-/// A changelog value back into a subscriber's state.
-fn decode_state(bytes: &[u8]) -> Result<SubscriberState, String> {
+/// Suffix of the changelog key holding a subscriber's rule ("sub-42 rule"); a space never
+/// occurs in a subscriber id. The rule is written apart from the rest of the state so that
+/// a balance event — the common case — writes a small record, not the rule again.
+const RULE_KEY_SUFFIX: &str = " rule";
+
+/// The changelog key of `subscriber`'s rule.
+pub fn rule_key(subscriber: &str) -> String {
+    format!("{subscriber}{RULE_KEY_SUFFIX}")
+}
+
+/// Folds one changelog record into a partition's states (see [`topup_kafka::ApplyRecord`]).
+fn apply_record(
+    states: &mut HashMap<String, SubscriberState>,
+    key: &str,
+    value: Option<&[u8]>,
+) -> Result<(), String> {
+    if let Some(subscriber) = key.strip_suffix(RULE_KEY_SUFFIX) {
+        let rule = match value {
+            None => None,
+            Some(bytes) => {
+                let raw = wire::AutoTopUpRule::decode(bytes).map_err(|e| e.to_string())?;
+                Some(Arc::new(Rule::try_from(&raw).map_err(|e| e.to_string())?))
+            }
+        };
+        match states.get_mut(subscriber) {
+            Some(state) => state.rule = rule,
+            None => {
+                let id = SubscriberId::parse(subscriber).map_err(|e| e.to_string())?;
+                let mut state = SubscriberState::new(id);
+                state.rule = rule;
+                states.insert(subscriber.to_string(), state);
+            }
+        }
+        return Ok(());
+    }
+    let Some(bytes) = value else {
+        states.remove(key);
+        return Ok(());
+    };
     let record = changelog::SubscriberState::decode(bytes).map_err(|e| e.to_string())?;
-    SubscriberState::try_from(&record).map_err(|e| e.to_string())
+    let mut state = SubscriberState::try_from(&record).map_err(|e| e.to_string())?;
+    // Records without a rule leave the rule written under its own key in place (records
+    // written before the split carry their rule and replace it).
+    if record.rule.is_none() {
+        state.rule = states.get(key).and_then(|s| s.rule.clone());
+    }
+    states.insert(key.to_string(), state);
+    Ok(())
 }
 
 impl Evaluator {
     /// An evaluator with no partitions yet.
     pub fn new(kafka: KafkaArgs, settings: Settings) -> Self {
-        Self { settings, store: StateStore::new(kafka, topics::EVALUATOR_STATE, decode_state) }
+        Self { settings, store: StateStore::new(kafka, topics::EVALUATOR_STATE, apply_record) }
     }
 }
 
@@ -108,6 +153,22 @@ impl Processor for Evaluator {
                         after.encode_record(),
                     ));
                 }
+                let rule_changed = match (&kept.rule, &after.rule) {
+                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+                    (None, None) => false,
+                    _ => true,
+                };
+                if rule_changed {
+                    let key = rule_key(subscriber.as_str());
+                    out.push(match &after.rule {
+                        Some(rule) => self.store.record_bytes(
+                            input.partition,
+                            &key,
+                            rule.wire.encode_to_vec(),
+                        ),
+                        None => self.store.tombstone(input.partition, &key),
+                    });
+                }
                 self.store.partition_mut(input.partition).insert(subscriber.to_string(), after);
                 Ok(())
             }
@@ -117,5 +178,66 @@ impl Processor for Evaluator {
                 Err(Refusal::new(reason))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw_rule(subscriber: &str) -> wire::AutoTopUpRule {
+        let cny = |minor| wire::Money { currency: "CNY".into(), amount_minor: minor };
+        wire::AutoTopUpRule {
+            subscriber_id: subscriber.into(),
+            threshold: Some(cny(1000)),
+            top_up: Some(wire::auto_top_up_rule::TopUp::Amount(cny(5000))),
+            payment_methods: vec![wire::PaymentMethod {
+                token: "tok_1".into(),
+                kind: wire::PaymentMethodKind::Card as i32,
+                ..Default::default()
+            }],
+            state: wire::RuleState::Active as i32,
+            ..Default::default()
+        }
+    }
+
+    fn dynamic(subscriber: &str, sequence: u64) -> Vec<u8> {
+        changelog::SubscriberState {
+            subscriber_id: subscriber.into(),
+            balance: Some(wire::Money { currency: "CNY".into(), amount_minor: 800 }),
+            balance_sequence: sequence,
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn restore_folds_the_rule_key_and_the_state_key_in_any_order() {
+        let mut states = HashMap::new();
+        let rule = raw_rule("sub-1").encode_to_vec();
+        // Rule first, then state records: the rule stays.
+        apply_record(&mut states, "sub-1 rule", Some(&rule)).unwrap();
+        apply_record(&mut states, "sub-1", Some(&dynamic("sub-1", 1))).unwrap();
+        apply_record(&mut states, "sub-1", Some(&dynamic("sub-1", 2))).unwrap();
+        let state = &states["sub-1"];
+        assert!(state.rule.is_some());
+        assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(2));
+        // State first, then the rule.
+        apply_record(&mut states, "sub-2", Some(&dynamic("sub-2", 5))).unwrap();
+        apply_record(&mut states, "sub-2 rule", Some(&raw_rule("sub-2").encode_to_vec())).unwrap();
+        assert!(states["sub-2"].rule.is_some());
+        assert_eq!(states["sub-2"].balance.as_ref().map(|b| b.sequence), Some(5));
+        // A rule tombstone removes the rule, and later state records do not bring it back.
+        apply_record(&mut states, "sub-1 rule", None).unwrap();
+        apply_record(&mut states, "sub-1", Some(&dynamic("sub-1", 3))).unwrap();
+        assert!(states["sub-1"].rule.is_none());
+        // A record written before the split carries its rule.
+        let mut old = changelog::SubscriberState::decode(dynamic("sub-3", 1).as_slice()).unwrap();
+        old.rule = Some(raw_rule("sub-3"));
+        apply_record(&mut states, "sub-3", Some(&old.encode_to_vec())).unwrap();
+        assert!(states["sub-3"].rule.is_some());
+        // Garbage is refused with a reason, the states untouched.
+        assert!(apply_record(&mut states, "sub-4 rule", Some(b"\xff\xff")).is_err());
+        assert!(!states.contains_key("sub-4"));
     }
 }

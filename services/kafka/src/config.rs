@@ -63,6 +63,10 @@ impl KafkaArgs {
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed")
             .set("partition.assignment.strategy", "range")
+            // The mock broker answers an empty fetch only when this runs out (a real
+            // broker answers as soon as data arrives): keep it short for latency.
+            .set("fetch.wait.max.ms", "10")
+            .set("fetch.error.backoff.ms", "10")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", (self.session_timeout_ms / 5).max(100).to_string());
         config
@@ -73,6 +77,8 @@ impl KafkaArgs {
         let mut config = self.base();
         config
             .set("group.id", "topup-reader")
+            .set("fetch.wait.max.ms", "10")
+            .set("fetch.error.backoff.ms", "10")
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
             .set("isolation.level", "read_committed");

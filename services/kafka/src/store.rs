@@ -1,7 +1,9 @@
 //! Per-partition state kept in a changelog topic, Kafka Streams' way: each change is a
 //! record keyed by the subscriber, written to the same partition number as the input that
 //! caused it and in the same transaction; on assignment a partition's state is rebuilt by
-//! reading its changelog partition to the end.
+//! reading its changelog partition to the end. A state may be spread over several keys
+//! (the evaluator writes a subscriber's rule apart from the rest): [`ApplyRecord`] folds
+//! each record into the partition's states.
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -10,21 +12,40 @@ use crate::{read_partition_to_end, KafkaArgs, Output, Result};
 /// How long restoring one partition's state may take.
 const RESTORE_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Turns a changelog value back into state; an error names what is wrong.
-pub type DecodeState<T> = fn(&[u8]) -> std::result::Result<T, String>;
+/// Applies one changelog record (its key, and its value or `None` for a tombstone) to the
+/// states of its partition; an error names what is wrong with the record.
+pub type ApplyRecord<T> =
+    fn(&mut HashMap<String, T>, &str, Option<&[u8]>) -> std::result::Result<(), String>;
+
+/// The [`ApplyRecord`] of a changelog with one record per key: the value is the whole state.
+pub fn apply_whole<T: prost::Message + Default>(
+    states: &mut HashMap<String, T>,
+    key: &str,
+    value: Option<&[u8]>,
+) -> std::result::Result<(), String> {
+    match value {
+        None => {
+            states.remove(key);
+        }
+        Some(bytes) => {
+            states.insert(key.to_string(), T::decode(bytes).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(())
+}
 
 /// State per input partition, then per subscriber id.
 pub struct StateStore<T> {
     kafka: KafkaArgs,
     changelog: &'static str,
-    decode: DecodeState<T>,
+    apply: ApplyRecord<T>,
     partitions: HashMap<i32, HashMap<String, T>>,
 }
 
 impl<T> StateStore<T> {
     /// An empty store backed by `changelog`.
-    pub fn new(kafka: KafkaArgs, changelog: &'static str, decode: DecodeState<T>) -> Self {
-        Self { kafka, changelog, decode, partitions: HashMap::new() }
+    pub fn new(kafka: KafkaArgs, changelog: &'static str, apply: ApplyRecord<T>) -> Self {
+        Self { kafka, changelog, apply, partitions: HashMap::new() }
     }
 
     /// Rebuilds the state of newly assigned `partitions` from the changelog. Unreadable
@@ -39,17 +60,11 @@ impl<T> StateStore<T> {
             let mut states = HashMap::new();
             for record in &records {
                 let Some(key) = record.key_str() else { continue };
-                match record.payload.as_deref().map(self.decode) {
-                    None => {
-                        states.remove(key);
-                    }
-                    Some(Ok(state)) => {
-                        states.insert(key.to_string(), state);
-                    }
-                    Some(Err(error)) => tracing::error!(
+                if let Err(error) = (self.apply)(&mut states, key, record.payload.as_deref()) {
+                    tracing::error!(
                         topic, partition, offset = record.offset, %error,
                         "unreadable state record skipped"
-                    ),
+                    );
                 }
             }
             tracing::info!(
@@ -90,6 +105,13 @@ impl<T> StateStore<T> {
             payload: Some(encoded),
             headers: Vec::new(),
         }
+    }
+
+    /// A tombstone for `key` in the changelog (the state is gone).
+    pub fn tombstone(&self, partition: i32, key: &str) -> Output {
+        let mut record = Output::tombstone(self.changelog, key);
+        record.partition = Some(partition);
+        record
     }
 
     /// The changelog record of `key`'s new state, on the partition of its input.

@@ -13,13 +13,14 @@ use std::time::SystemTime;
 
 use topup_domain::{mask_contact, SubscriberId};
 use topup_kafka::{
-    decode, system_time, timestamp_of, Input, KafkaArgs, Output, Processor, Refusal, StateStore,
+    apply_whole, decode, system_time, timestamp_of, Input, KafkaArgs, Output, Processor, Refusal,
+    StateStore,
 };
 use topup_proto::notifier::v1::{Pending, SubscriberDeliveries};
+use topup_proto::topics;
 use topup_proto::v1::{
     ChannelKind, DeliveryReceipt, DeliveryStatus, NotificationCommand, NotificationKind,
 };
-use topup_proto::{topics, Message};
 
 use crate::channel::{Channel, ChannelError, Delivery};
 use crate::metrics::{self, count};
@@ -33,10 +34,6 @@ pub struct Notifier<C> {
     store: StateStore<SubscriberDeliveries>,
     /// Earliest due time of anything pending; `None` when nothing is.
     next_due: Option<SystemTime>,
-}
-
-fn decode_state(bytes: &[u8]) -> Result<SubscriberDeliveries, String> {
-    SubscriberDeliveries::decode(bytes).map_err(|e| e.to_string())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -107,7 +104,7 @@ impl<C: Channel> Notifier<C> {
         Self {
             channel,
             policy,
-            store: StateStore::new(kafka, topics::NOTIFIER_STATE, decode_state),
+            store: StateStore::new(kafka, topics::NOTIFIER_STATE, apply_whole),
             next_due: None,
         }
     }

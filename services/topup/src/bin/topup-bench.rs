@@ -1,38 +1,71 @@
-//! `topup-bench`: throughput of the evaluator against a raw Kafka baseline, in the same run,
-//! on the embedded mock cluster. The baseline is the same transactional pipeline
-//! (`topup_kafka::run_pipeline`, same settings, same batch size) with no business logic:
-//! one output record per input record.
+//! `topup-bench`: the platform's speed, measured against a raw Kafka baseline in the same
+//! run, on the embedded mock cluster. Each phase gets a fresh cluster:
+//!
+//! 1. **Evaluator alone vs raw baseline**: the same preloaded balance events through the
+//!    raw baseline (the shared transactional loop, same settings and batch size, one
+//!    output per input, no business logic) and through the evaluator.
+//! 2. **Whole pipeline**: evaluator, payment worker (sandbox) and notifier (messages
+//!    discarded), until every group has committed everything.
+//! 3. **Latency at a steady rate**: balance events produced at `--rate` per second with
+//!    `observed_at` = now; latency to the `TopUpCommand` and to the `TopUpResult`.
+//! 4. **Memory per subscriber**: the evaluator's state for growing numbers of subscribers.
+//!
+//! Prints the figures, writes them as JSON and the latency distribution as an SVG chart.
 //!
 //! `cargo run --release --bin topup-bench -- --events 200000 --subscribers 10000`
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message as _;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use topup::embedded::EmbeddedKafka;
 use topup::simulator::rule_for;
+use topup_evaluator::decide::{decide, Event, Settings, SubscriberState};
 use topup_kafka::{run_pipeline, Input, KafkaArgs, Output, PipelineSpec, Processor, Refusal};
-use topup_proto::v1::{BalanceUpdated, Money, RuleUpdated};
+use topup_notifier::channel::{Channel, ChannelError, Delivery};
+use topup_proto::v1::{
+    auto_top_up_rule::TopUp, AutoTopUpRule, BalanceUpdated, Money, PaymentMethod,
+    PaymentMethodKind, RuleState, RuleUpdated, TopUpCommand, TopUpResult,
+};
 use topup_proto::{topics, Message};
 
 const PARTITIONS: i32 = 4;
 const SINK: &str = "bench.sink.v1";
 
-/// Evaluator throughput against a raw consume → transactional produce baseline.
+/// Throughput, latency and memory of the platform against a raw Kafka baseline.
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Balance events to process.
+    /// Balance events for the throughput phases.
     #[arg(long, default_value_t = 200_000)]
     events: u64,
-    /// Subscribers the events are spread over.
+    /// Subscribers the throughput events are spread over.
     #[arg(long, default_value_t = 10_000)]
     subscribers: u64,
-    /// Records per transaction, for both.
+    /// Rounds of baseline and evaluator, alternating; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Records per transaction, for every pipeline.
     #[arg(long, default_value_t = 500)]
     max_batch: usize,
+    /// Balance events per second in the latency phase.
+    #[arg(long, default_value_t = 2_000)]
+    rate: u64,
+    /// Length of the latency phase, in seconds.
+    #[arg(long, default_value_t = 15)]
+    latency_secs: u64,
+    /// Subscribers in the latency phase (each with an active rule).
+    #[arg(long, default_value_t = 2_000)]
+    latency_subscribers: u64,
+    /// Where the JSON figures and the chart go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
 }
 
 /// The baseline's processor: forwards every record, decides nothing.
@@ -51,103 +84,347 @@ impl Processor for Forward {
     }
 }
 
-fn preload(kafka: &KafkaArgs, cli: &Cli) -> anyhow::Result<()> {
-    let producer: ThreadedProducer<DefaultProducerContext> = kafka.producer().create()?;
-    let send = |topic: &str, key: &str, payload: Vec<u8>| -> anyhow::Result<()> {
-        loop {
-            match producer.send(BaseRecord::to(topic).key(key).payload(&payload)) {
-                Ok(()) => return Ok(()),
-                Err((
-                    rdkafka::error::KafkaError::MessageProduction(
-                        rdkafka::types::RDKafkaErrorCode::QueueFull,
-                    ),
-                    _,
-                )) => {
-                    producer.flush(Duration::from_millis(100))?;
-                }
-                Err((e, _)) => return Err(e.into()),
-            }
+/// A notification channel that delivers into the void (the bench measures the platform).
+#[derive(Clone)]
+struct Discard;
+
+impl Channel for Discard {
+    async fn deliver(&self, _delivery: &Delivery<'_>) -> Result<(), ChannelError> {
+        Ok(())
+    }
+}
+
+type Sender = ThreadedProducer<DefaultProducerContext>;
+
+fn send(producer: &Sender, topic: &str, key: &str, payload: &[u8]) -> anyhow::Result<()> {
+    loop {
+        match producer.send(BaseRecord::to(topic).key(key).payload(payload)) {
+            Ok(()) => return Ok(()),
+            Err((
+                rdkafka::error::KafkaError::MessageProduction(
+                    rdkafka::types::RDKafkaErrorCode::QueueFull,
+                ),
+                _,
+            )) => producer.flush(Duration::from_millis(100))?,
+            Err((e, _)) => return Err(e.into()),
         }
-    };
+    }
+}
+
+fn subscriber(n: u64) -> String {
+    format!("sub-{n:07}")
+}
+
+fn balance(id: &str, amount_minor: i64, sequence: u64) -> Vec<u8> {
+    BalanceUpdated {
+        subscriber_id: id.to_string(),
+        carrier_id: "bench".into(),
+        balance: Some(Money { currency: "CNY".into(), amount_minor }),
+        sequence,
+        observed_at: Some(topup_kafka::now_timestamp()),
+        event_id: String::new(),
+    }
+    .encode_to_vec()
+}
+
+/// The simulator's mix of rules, then balances wandering across the 10.00 threshold.
+fn preload(kafka: &KafkaArgs, cli: &Cli) -> anyhow::Result<()> {
+    let producer: Sender = kafka.producer().create()?;
     for s in 0..cli.subscribers {
-        let id = format!("sub-{s:07}");
+        let id = subscriber(s);
         if let Some(rule) = rule_for(s as usize, &id) {
-            send(
-                topics::RULES,
-                &id,
-                RuleUpdated { rule: Some(rule), updated_at: None }.encode_to_vec(),
-            )?;
+            let update = RuleUpdated { rule: Some(rule), updated_at: None };
+            send(&producer, topics::RULES, &id, &update.encode_to_vec())?;
         }
     }
     for n in 0..cli.events {
-        let s = n % cli.subscribers;
-        let sequence = n / cli.subscribers + 1;
-        // Balances wander across the 10.00 threshold so the evaluator has work to do.
+        let id = subscriber(n % cli.subscribers);
         let amount_minor = 500 + ((n * 7919) % 2000) as i64;
-        let id = format!("sub-{s:07}");
-        let event = BalanceUpdated {
-            subscriber_id: id.clone(),
-            carrier_id: "bench".into(),
-            balance: Some(Money { currency: "CNY".into(), amount_minor }),
-            sequence,
-            observed_at: Some(topup_kafka::now_timestamp()),
-            event_id: String::new(),
-        };
-        send(topics::BALANCE, &id, event.encode_to_vec())?;
+        send(
+            &producer,
+            topics::BALANCE,
+            &id,
+            &balance(&id, amount_minor, n / cli.subscribers + 1),
+        )?;
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(())
 }
 
-/// Committed records of `group` over the balance topic, and whether it reached the end.
-fn progress(kafka: &KafkaArgs, group: &str) -> anyhow::Result<(i64, bool)> {
-    let consumer: BaseConsumer = kafka.group_consumer(group).create()?;
-    let mut wanted = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        wanted.add_partition(topics::BALANCE, p);
-    }
-    let committed = consumer.committed_offsets(wanted, Duration::from_secs(10))?;
-    let (mut done, mut total) = (0, 0);
-    for e in committed.elements() {
-        let (_, high) =
-            consumer.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?;
-        done += match e.offset() {
-            Offset::Offset(n) => n,
-            _ => 0,
-        };
-        total += high;
-    }
-    Ok((done, done >= total))
+/// Records of `topics` that `group` has not committed yet, read with one long-lived client.
+struct Lag {
+    consumer: BaseConsumer,
+    wanted: TopicPartitionList,
 }
 
-/// Runs one pipeline until it has consumed every balance event; returns events per second,
-/// timed from its first commit (so the group join is not counted) to the last.
-async fn measure<F>(kafka: &KafkaArgs, group: &str, start: F) -> anyhow::Result<f64>
-where
-    F: FnOnce(CancellationToken) -> tokio::task::JoinHandle<topup_kafka::Result<()>>,
-{
-    let stop = CancellationToken::new();
-    let task = start(stop.clone());
-    let mut first: Option<(Instant, i64)> = None;
+impl Lag {
+    fn new(kafka: &KafkaArgs, group: &str, topics: &[&str]) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = kafka.group_consumer(group).create()?;
+        let mut wanted = TopicPartitionList::new();
+        for topic in topics {
+            for p in 0..PARTITIONS {
+                wanted.add_partition(topic, p);
+            }
+        }
+        Ok(Self { consumer, wanted })
+    }
+
+    /// (committed, remaining) over every partition.
+    fn read(&self) -> anyhow::Result<(i64, i64)> {
+        let committed =
+            self.consumer.committed_offsets(self.wanted.clone(), Duration::from_secs(10))?;
+        let (mut done, mut left) = (0, 0);
+        for e in committed.elements() {
+            let (_, high) = self.consumer.fetch_watermarks(
+                e.topic(),
+                e.partition(),
+                Duration::from_secs(10),
+            )?;
+            let at = match e.offset() {
+                Offset::Offset(n) => n,
+                _ => 0,
+            };
+            done += at;
+            left += (high - at).max(0);
+        }
+        Ok((done, left))
+    }
+}
+
+/// Waits until every `lags` has nothing left (twice in a row, as results feed back into
+/// the evaluator), timing from the first commit of the first one. Returns seconds.
+async fn until_caught_up(lags: Vec<Lag>) -> anyhow::Result<f64> {
+    let lags = Arc::new(lags);
     let deadline = Instant::now() + Duration::from_secs(600);
-    let mut every = tokio::time::interval(Duration::from_millis(20));
-    let rate = loop {
-        every.tick().await;
-        let (k, g) = (kafka.clone(), group.to_string());
-        let (done, finished) = tokio::task::spawn_blocking(move || progress(&k, &g)).await??;
-        if first.is_none() && done > 0 {
-            first = Some((Instant::now(), done));
+    let mut started: Option<Instant> = None;
+    let mut quiet = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let l = lags.clone();
+        let readings = tokio::task::spawn_blocking(move || {
+            l.iter().map(Lag::read).collect::<anyhow::Result<Vec<_>>>()
+        })
+        .await??;
+        if started.is_none() && readings[0].0 > 0 {
+            started = Some(Instant::now());
         }
-        if finished {
-            let (t0, d0) = first.unwrap_or((Instant::now(), 0));
-            let secs = t0.elapsed().as_secs_f64().max(1e-3);
-            break (done - d0) as f64 / secs;
+        let left: i64 = readings.iter().map(|r| r.1).sum();
+        quiet = if started.is_some() && left == 0 { quiet + 1 } else { 0 };
+        if quiet >= 2 {
+            // The last reading found nothing left; the one before did too.
+            return Ok(started.map_or(0.0, |t| t.elapsed().as_secs_f64()));
         }
-        anyhow::ensure!(Instant::now() < deadline, "{group} did not finish in 10 minutes");
+        anyhow::ensure!(Instant::now() < deadline, "not caught up after 10 minutes: {readings:?}");
+    }
+}
+
+fn spec(kafka: &KafkaArgs, name: &'static str, max_batch: usize) -> PipelineSpec {
+    PipelineSpec {
+        service: name,
+        group_id: name.into(),
+        transactional_id: name.into(),
+        inputs: vec![topics::BALANCE],
+        max_batch,
+        tick_every: None,
+        kafka: kafka.clone(),
+    }
+}
+
+/// Starts the evaluator, the payment worker and the notifier on `kafka`.
+fn start_all(kafka: &KafkaArgs, max_batch: usize, stop: &CancellationToken) {
+    let mut evaluator = topup_evaluator::Config::new(kafka.clone());
+    evaluator.max_batch = max_batch;
+    let mut payment = topup_payment_worker::Config::new(kafka.clone());
+    payment.max_batch = max_batch;
+    let mut notifier = topup_notifier::Config::new(kafka.clone());
+    notifier.max_batch = max_batch;
+    notifier.quiet_hours = topup_notifier::QuietHoursSetting(None);
+    tokio::spawn(topup_evaluator::run(evaluator, stop.clone()));
+    tokio::spawn(topup_payment_worker::run(
+        payment,
+        topup_payment_worker::Sandbox::new(),
+        stop.clone(),
+    ));
+    tokio::spawn(topup_notifier::run(notifier, Discard, stop.clone()));
+}
+
+fn pipeline_lags(kafka: &KafkaArgs) -> anyhow::Result<Vec<Lag>> {
+    Ok(vec![
+        Lag::new(kafka, "topup-evaluator", &[topics::BALANCE, topics::RULES, topics::RESULTS])?,
+        Lag::new(kafka, "topup-payment-worker", &[topics::COMMANDS])?,
+        Lag::new(kafka, "topup-notifier", &[topics::NOTIFICATIONS])?,
+    ])
+}
+
+#[derive(Debug, Serialize, Default)]
+struct Percentiles {
+    count: usize,
+    p50_ms: f64,
+    p95_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+fn percentiles(sorted_ms: &[f64]) -> Percentiles {
+    let at = |q: f64| {
+        if sorted_ms.is_empty() {
+            return 0.0;
+        }
+        let index = ((sorted_ms.len() as f64 * q).ceil() as usize).clamp(1, sorted_ms.len()) - 1;
+        sorted_ms[index]
     };
+    Percentiles {
+        count: sorted_ms.len(),
+        p50_ms: at(0.50),
+        p95_ms: at(0.95),
+        p99_ms: at(0.99),
+        max_ms: sorted_ms.last().copied().unwrap_or(0.0),
+    }
+}
+
+fn ms_since(observed: Option<&topup_proto::Timestamp>) -> Option<f64> {
+    let observed = topup_kafka::system_time(observed?);
+    std::time::SystemTime::now().duration_since(observed).ok().map(|d| d.as_secs_f64() * 1e3)
+}
+
+fn latency_rule(id: &str) -> AutoTopUpRule {
+    let cny = |minor| Money { currency: "CNY".into(), amount_minor: minor };
+    AutoTopUpRule {
+        subscriber_id: id.into(),
+        threshold: Some(cny(1000)),
+        top_up: Some(TopUp::Amount(cny(5000))),
+        payment_methods: vec![PaymentMethod {
+            token: "tok_bench_4242".into(),
+            kind: PaymentMethodKind::Card as i32,
+            label: "•••• 4242".into(),
+            expires: String::new(),
+            currency: "CNY".into(),
+        }],
+        state: RuleState::Active as i32,
+        locale: "en".into(),
+        channels: Vec::new(),
+        max_topups_per_day: 0,
+        max_amount_per_month: None,
+        carrier_id: "bench".into(),
+    }
+}
+
+#[derive(Debug, Serialize, Default)]
+struct Latency {
+    rate_per_s: u64,
+    seconds: u64,
+    events_sent: u64,
+    achieved_rate_per_s: f64,
+    to_command: Percentiles,
+    to_result: Percentiles,
+}
+
+/// Phase 3: a steady stream; every other event of a subscriber drops below its threshold.
+async fn latency(cli: &Cli) -> anyhow::Result<(Latency, Vec<f64>, Vec<f64>)> {
+    let embedded = EmbeddedKafka::start(PARTITIONS)?;
+    let kafka = KafkaArgs::new(embedded.bootstrap_servers());
+    let producer: Sender = kafka.producer().create()?;
+    let subscribers = cli.latency_subscribers.max(1);
+    for s in 0..subscribers {
+        let id = subscriber(s);
+        let update = RuleUpdated { rule: Some(latency_rule(&id)), updated_at: None };
+        send(&producer, topics::RULES, &id, &update.encode_to_vec())?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    let stop = CancellationToken::new();
+    start_all(&kafka, cli.max_batch, &stop);
+    until_caught_up(vec![Lag::new(&kafka, "topup-evaluator", &[topics::RULES])?]).await?;
+
+    // Readers of commands and results, from the beginning (only this phase wrote them).
+    // Readers of commands and results from the beginning (only this phase wrote them), each
+    // polling on its own thread: the time a record is read is the time it became visible.
+    let reader = |topic: &'static str| -> anyhow::Result<BaseConsumer> {
+        // A group member, like the services: it reads the way they read.
+        let consumer: BaseConsumer =
+            kafka.group_consumer(&format!("bench-latency-{topic}")).create()?;
+        consumer.subscribe(&[topic])?;
+        // Joined and assigned before the first event is sent, so the join is not measured.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while consumer.assignment()?.count() == 0 {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the latency reader of {topic} was never assigned"
+            );
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                anyhow::bail!("unexpected record on {topic} at offset {}", m.offset());
+            }
+        }
+        Ok(consumer)
+    };
+    let collect = |consumer: BaseConsumer, to_command: bool, done: CancellationToken| {
+        tokio::task::spawn_blocking(move || {
+            let mut samples = Vec::new();
+            while !done.is_cancelled() {
+                let Some(Ok(message)) = consumer.poll(Duration::from_millis(10)) else { continue };
+                let payload = message.payload().unwrap_or_default();
+                let observed = if to_command {
+                    TopUpCommand::decode(payload).ok().and_then(|c| c.observed_at)
+                } else {
+                    TopUpResult::decode(payload).ok().and_then(|r| r.observed_at)
+                };
+                if let Some(ms) = ms_since(observed.as_ref()) {
+                    samples.push(ms);
+                }
+            }
+            samples
+        })
+    };
+    let done = CancellationToken::new();
+    let commands = collect(reader(topics::COMMANDS)?, true, done.clone());
+    let results = collect(reader(topics::RESULTS)?, false, done.clone());
+
+    // Produce at the rate, in 10 ms slices.
+    let total = cli.rate * cli.latency_secs;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let mut slice = tokio::time::interval(Duration::from_millis(10));
+    while sent < total {
+        slice.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * cli.rate as f64) as u64).min(total);
+        while sent < due {
+            let id = subscriber(sent % subscribers);
+            let sequence = sent / subscribers + 1;
+            let amount = if sequence % 2 == 1 { 500 } else { 1500 };
+            send(&producer, topics::BALANCE, &id, &balance(&id, amount, sequence))?;
+            sent += 1;
+        }
+        producer.poll(Duration::ZERO);
+    }
+    let achieved = sent as f64 / started.elapsed().as_secs_f64();
+    producer.flush(Duration::from_secs(30))?;
+    until_caught_up(pipeline_lags(&kafka)?).await?;
+    done.cancel();
+    let mut to_command = commands.await?;
+    let mut to_result = results.await?;
     stop.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
-    Ok(rate)
+    to_command.sort_by(f64::total_cmp);
+    to_result.sort_by(f64::total_cmp);
+    let figures = Latency {
+        rate_per_s: cli.rate,
+        seconds: cli.latency_secs,
+        events_sent: sent,
+        achieved_rate_per_s: achieved,
+        to_command: percentiles(&to_command),
+        to_result: percentiles(&to_result),
+    };
+    Ok((figures, to_command, to_result))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn current_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<u64>().ok()))
+        .map_or(0, |pages| pages * 4096)
 }
 
 fn peak_rss_mib() -> f64 {
@@ -158,52 +435,243 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
+#[derive(Debug, Serialize)]
+struct MemoryPoint {
+    subscribers: usize,
+    resident_mib: f64,
+    bytes_per_added_subscriber: f64,
+}
+
+/// Phase 4: the evaluator's in-memory state (rule + last balance) as the processor builds
+/// it with `decide`, for growing numbers of subscribers in one map; resident memory is read
+/// at each size, and the growth between sizes gives the cost of one more subscriber.
+fn memory_per_subscriber() -> anyhow::Result<Vec<MemoryPoint>> {
+    let settings = Settings { reminder_level_minor: 500 };
+    let now = topup_kafka::now_timestamp();
+    let mut points = Vec::new();
+    let mut states = std::collections::HashMap::new();
+    let (mut last_size, mut last_rss) = (0usize, current_rss_bytes());
+    for size in [250_000usize, 500_000, 1_000_000] {
+        for n in last_size..size {
+            let id = subscriber(n as u64);
+            let subscriber_id = topup_domain::SubscriberId::parse(&id)?;
+            let mut state = SubscriberState::new(subscriber_id);
+            if let Some(raw) = rule_for(n, &id) {
+                let rule = topup_domain::Rule::try_from(&raw)?;
+                state = decide(state, Event::Rule(Box::new(rule)), "bench", now, &settings)
+                    .map_err(anyhow::Error::msg)?
+                    .0;
+            }
+            let observation = topup_domain::BalanceObservation::try_from(&BalanceUpdated::decode(
+                balance(&id, 1500, 1).as_slice(),
+            )?)?;
+            state = decide(state, Event::Balance(observation), "bench", now, &settings)
+                .map_err(anyhow::Error::msg)?
+                .0;
+            states.insert(id, state);
+        }
+        let rss = current_rss_bytes();
+        points.push(MemoryPoint {
+            subscribers: size,
+            resident_mib: rss as f64 / f64::from(1 << 20),
+            bytes_per_added_subscriber: rss.saturating_sub(last_rss) as f64
+                / (size - last_size) as f64,
+        });
+        (last_size, last_rss) = (size, rss);
+    }
+    Ok(points)
+}
+
+fn chart(
+    path: &std::path::Path,
+    to_command: &[f64],
+    to_result: &[f64],
+    rate: u64,
+) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max = to_result.last().or(to_command.last()).copied().unwrap_or(1.0).max(1.0);
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("Latency from observed_at, steady {rate} balance events/s"),
+            ("sans-serif", 20),
+        )
+        .margin(15)
+        .x_label_area_size(40)
+        .y_label_area_size(50)
+        .build_cartesian_2d(0f64..max * 1.05, 0f64..100f64)?;
+    chart.configure_mesh().x_desc("latency (ms)").y_desc("percentile").draw()?;
+    let cdf = |samples: &[f64]| -> Vec<(f64, f64)> {
+        let n = samples.len().max(1) as f64;
+        samples.iter().enumerate().map(|(i, ms)| (*ms, (i + 1) as f64 * 100.0 / n)).collect()
+    };
+    chart
+        .draw_series(LineSeries::new(cdf(to_command), &BLUE))?
+        .label("to TopUpCommand")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE));
+    chart
+        .draw_series(LineSeries::new(cdf(to_result), &RED))?
+        .label("to TopUpResult")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED));
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct Figures {
+    events: u64,
+    subscribers: u64,
+    max_batch: usize,
+    baseline_events_per_s: f64,
+    evaluator_events_per_s: f64,
+    baseline_rounds: Vec<f64>,
+    evaluator_rounds: Vec<f64>,
+    evaluator_over_baseline: f64,
+    pipeline_events_per_s: f64,
+    latency: Latency,
+    memory: Vec<MemoryPoint>,
+    evaluator_state_mib_per_million_subscribers: f64,
+    peak_rss_mib: f64,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     topup_kafka::init_logging();
+    // Phase 1: the raw baseline and the evaluator over the same preloaded events, in
+    // rounds, each on a fresh cluster (the evaluator's changelog must start empty); the
+    // median of each side is reported (the machine is shared and noisy).
+    let (mut baselines, mut evaluators) = (Vec::new(), Vec::new());
+    for round in 0..cli.rounds.max(1) {
+        let embedded = EmbeddedKafka::start(PARTITIONS)?;
+        embedded.cluster().create_topic(SINK, PARTITIONS, 3)?;
+        let kafka = KafkaArgs::new(embedded.bootstrap_servers());
+        preload(&kafka, &cli)?;
+        let stop = CancellationToken::new();
+        tokio::spawn(run_pipeline(
+            spec(&kafka, "bench-baseline", cli.max_batch),
+            || Forward,
+            stop.clone(),
+        ));
+        let seconds =
+            until_caught_up(vec![Lag::new(&kafka, "bench-baseline", &[topics::BALANCE])?]).await?;
+        baselines.push(cli.events as f64 / seconds.max(1e-3));
+        stop.cancel();
+
+        let stop = CancellationToken::new();
+        let mut config = topup_evaluator::Config::new(kafka.clone());
+        config.group_id = "bench-evaluator".into();
+        config.max_batch = cli.max_batch;
+        tokio::spawn(topup_evaluator::run(config, stop.clone()));
+        let seconds = until_caught_up(vec![Lag::new(
+            &kafka,
+            "bench-evaluator",
+            &[topics::BALANCE, topics::RULES],
+        )?])
+        .await?;
+        evaluators.push(cli.events as f64 / seconds.max(1e-3));
+        stop.cancel();
+        eprintln!(
+            "round {round}: baseline {:.0}/s, evaluator {:.0}/s",
+            baselines[round], evaluators[round]
+        );
+        drop(embedded);
+    }
+    let baseline = median(&mut baselines.clone());
+    let evaluator = median(&mut evaluators.clone());
+
+    // Phase 2: the whole pipeline on a fresh cluster.
     let embedded = EmbeddedKafka::start(PARTITIONS)?;
-    embedded.cluster().create_topic(SINK, PARTITIONS, 3)?;
     let kafka = KafkaArgs::new(embedded.bootstrap_servers());
-    let loaded = Instant::now();
     preload(&kafka, &cli)?;
+    let stop = CancellationToken::new();
+    start_all(&kafka, cli.max_batch, &stop);
+    let seconds = until_caught_up(pipeline_lags(&kafka)?).await?;
+    let pipeline = cli.events as f64 / seconds.max(1e-3);
+    stop.cancel();
+    drop(embedded);
+
+    // Phase 3: latency at a steady rate, fresh cluster.
+    let (latency, to_command, to_result) = latency(&cli).await?;
+    let peak = peak_rss_mib();
+
+    // Phase 4, last: it makes the process large.
+    let memory = memory_per_subscriber()?;
+    let per_million =
+        memory.last().map_or(0.0, |m| m.bytes_per_added_subscriber * 1e6 / f64::from(1 << 20));
+
+    let figures = Figures {
+        events: cli.events,
+        subscribers: cli.subscribers,
+        max_batch: cli.max_batch,
+        baseline_events_per_s: baseline,
+        evaluator_events_per_s: evaluator,
+        baseline_rounds: baselines,
+        evaluator_rounds: evaluators,
+        evaluator_over_baseline: evaluator / baseline.max(1.0),
+        pipeline_events_per_s: pipeline,
+        latency,
+        memory,
+        evaluator_state_mib_per_million_subscribers: per_million,
+        peak_rss_mib: peak,
+    };
+    std::fs::create_dir_all(&cli.out)?;
+    let json = cli.out.join("topup-bench.json");
+    std::fs::write(&json, serde_json::to_string_pretty(&figures)?)?;
+    let svg = cli.out.join("latency.svg");
+    chart(&svg, &to_command, &to_result, cli.rate)?;
+
+    let f = &figures;
     println!(
-        "preloaded {} balance events for {} subscribers in {:.1} s",
-        cli.events,
-        cli.subscribers,
-        loaded.elapsed().as_secs_f64()
+        "\n{} balance events, {} subscribers, batches of {}:\n",
+        f.events, f.subscribers, f.max_batch
     );
-
-    let baseline_kafka = kafka.clone();
-    let max_batch = cli.max_batch;
-    let baseline = measure(&kafka, "bench-baseline", move |stop| {
-        let spec = PipelineSpec {
-            service: "bench-baseline",
-            group_id: "bench-baseline".into(),
-            transactional_id: "bench-baseline".into(),
-            inputs: vec![topics::BALANCE],
-            max_batch,
-            tick_every: None,
-            kafka: baseline_kafka,
-        };
-        tokio::spawn(run_pipeline(spec, || Forward, stop))
-    })
-    .await?;
-    let mut config = topup_evaluator::Config::new(kafka.clone());
-    config.group_id = "bench-evaluator".into();
-    config.max_batch = cli.max_batch;
-    let evaluator = measure(&kafka, "bench-evaluator", move |stop| {
-        tokio::spawn(topup_evaluator::run(config, stop))
-    })
-    .await?;
-
-    println!();
     println!("| pipeline | balance events/s |");
     println!("|---|---:|");
-    println!("| raw baseline (consume → transactional produce) | {baseline:.0} |");
-    println!("| evaluator | {evaluator:.0} |");
-    println!("| evaluator / baseline | {:.2} |", evaluator / baseline.max(1.0));
-    println!("\npeak resident memory of the whole process: {:.0} MiB", peak_rss_mib());
-    drop(embedded);
+    println!(
+        "| raw baseline (consume → transactional produce), median of {} rounds | {:.0} |",
+        f.baseline_rounds.len(),
+        f.baseline_events_per_s
+    );
+    println!(
+        "| evaluator alone, median of {} rounds | {:.0} |",
+        f.evaluator_rounds.len(),
+        f.evaluator_events_per_s
+    );
+    println!("| evaluator / baseline | {:.2} |", f.evaluator_over_baseline);
+    println!(
+        "| whole pipeline (evaluator + payment worker + notifier) | {:.0} |",
+        f.pipeline_events_per_s
+    );
+    let l = &f.latency;
+    println!(
+        "\nlatency at a steady {} events/s for {} s (achieved {:.0}/s), from observed_at:\n",
+        l.rate_per_s, l.seconds, l.achieved_rate_per_s
+    );
+    println!("| to | count | p50 ms | p95 ms | p99 ms | max ms |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, p) in [("TopUpCommand", &l.to_command), ("TopUpResult", &l.to_result)] {
+        println!(
+            "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            p.count, p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms
+        );
+    }
+    println!("\nevaluator state in memory (one map, growing):\n");
+    println!("| subscribers | process resident MiB | bytes per added subscriber |");
+    println!("|---:|---:|---:|");
+    for m in &f.memory {
+        println!(
+            "| {} | {:.0} | {:.0} |",
+            m.subscribers, m.resident_mib, m.bytes_per_added_subscriber
+        );
+    }
+    println!(
+        "\n≈ {:.0} MiB of evaluator state per million subscribers; peak resident memory of the \
+         throughput and latency phases (mock brokers included) {:.0} MiB",
+        f.evaluator_state_mib_per_million_subscribers, f.peak_rss_mib
+    );
+    println!("figures: {}  chart: {}", json.display(), svg.display());
     Ok(())
 }
