@@ -164,6 +164,15 @@ impl Platform {
         Ok(())
     }
 
+    /// Publishes raw bytes without a key.
+    pub async fn publish_unkeyed(&self, topic: &str, value: &[u8]) -> anyhow::Result<()> {
+        self.producer
+            .send(FutureRecord::<(), [u8]>::to(topic).payload(value), WAIT)
+            .await
+            .map_err(|(e, _)| anyhow::anyhow!("publish to {topic}: {e}"))?;
+        Ok(())
+    }
+
     /// Publishes a rule.
     pub async fn publish_rule(&self, rule: AutoTopUpRule) -> anyhow::Result<()> {
         let key = rule.subscriber_id.clone();

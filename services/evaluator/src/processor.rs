@@ -19,6 +19,9 @@ pub struct Evaluator {
     store: StateStore<SubscriberState>,
 }
 
+/// How far ahead of the record's own time a balance's `observed_at` may be.
+const MAX_CLOCK_SKEW_SECS: i64 = 300;
+
 /// Suffix of the changelog key holding a subscriber's rule ("sub-42 rule"); a space never
 /// occurs in a subscriber id. The rule is written apart from the rest of the state so that
 /// a balance event — the common case — writes a small record, not the rule again.
@@ -82,6 +85,18 @@ fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
             count(&metrics::BALANCE_EVENTS);
             let raw: BalanceUpdated = decode(input, |m: &BalanceUpdated| &m.subscriber_id)?;
             let observation = BalanceObservation::try_from(&raw)?;
+            // A balance from the future would win over every real one that follows (and its
+            // day would count caps wrongly): refuse it, allowing for clock skew.
+            if let Some(observed) = &observation.observed_at {
+                let limit = input.time().seconds.saturating_add(MAX_CLOCK_SKEW_SECS);
+                if observed.seconds > limit {
+                    return Err(Refusal::new(format!(
+                        "observed_at: {}s is more than {MAX_CLOCK_SKEW_SECS}s ahead of the record's time {}s",
+                        observed.seconds,
+                        input.time().seconds
+                    )));
+                }
+            }
             Ok((observation.subscriber.clone(), Event::Balance(observation)))
         }
         topics::RULES => {

@@ -1,0 +1,283 @@
+//! Poison and hostile input. Over Kafka: each kind of bad record lands in the dead-letter
+//! topic with its reason, and the good record behind it is still processed. Without Kafka:
+//! a property test feeds every processor (evaluator, payment worker, notifier) arbitrary
+//! bytes and mutated valid records — each is answered or refused, never a panic.
+use std::collections::HashMap;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use topup_kafka::{Input, KafkaArgs, Processor};
+use topup_notifier::channel::{Channel, ChannelError, Delivery};
+use topup_proto::v1::{
+    BalanceUpdated, DeadLetter, NotificationCommand, NotificationKind, RuleUpdated, TopUpResult,
+};
+use topup_proto::{topics, Message};
+use topup_tests::{cny, command, rule, Platform};
+
+fn balance(subscriber: &str, minor: i64, sequence: u64) -> BalanceUpdated {
+    BalanceUpdated {
+        subscriber_id: subscriber.into(),
+        carrier_id: "test-carrier".into(),
+        balance: Some(cny(minor)),
+        sequence,
+        observed_at: Some(topup_kafka::now_timestamp()),
+        event_id: String::new(),
+    }
+}
+
+/// (topic, key, value, what it is) for every kind of hostile record.
+fn hostile_records() -> Vec<(&'static str, Option<String>, Vec<u8>, &'static str)> {
+    let good = balance("sub-h", 800, 1).encode_to_vec();
+    let mut future = balance("sub-h", 800, 2);
+    future.observed_at = Some(topup_proto::Timestamp {
+        seconds: topup_kafka::now_timestamp().seconds + 86_400,
+        nanos: 0,
+    });
+    let mut overflowing = balance("sub-h", i64::MAX, 3);
+    overflowing.balance =
+        Some(topup_proto::v1::Money { currency: "CNY".into(), amount_minor: i64::MAX });
+    let mut odd_currency = balance("sub-h", 800, 4);
+    odd_currency.balance =
+        Some(topup_proto::v1::Money { currency: "yuan".into(), amount_minor: 1 });
+    let huge = balance(&"x".repeat(200_000), 800, 5);
+    let mut unknown_state = rule("sub-h", "tok_ok", topup_proto::v1::RuleState::Active);
+    unknown_state.state = 99;
+    let mut negative_rule = rule("sub-h", "tok_ok", topup_proto::v1::RuleState::Active);
+    negative_rule.top_up = Some(topup_proto::v1::auto_top_up_rule::TopUp::Amount(cny(-5000)));
+    let mut negative_command = command("sub-h", "neg", &["tok_ok"]);
+    negative_command.amount = Some(cny(-1));
+    let mut no_id = command("sub-h", "", &["tok_ok"]);
+    no_id.idempotency_key.clear();
+    let unknown_kind = NotificationCommand {
+        notification_id: "n-1".into(),
+        subscriber_id: "sub-h".into(),
+        kind: 42,
+        ..Default::default()
+    };
+    let result_without_command =
+        TopUpResult { subscriber_id: "sub-h".into(), ..Default::default() };
+    let key = || Some("sub-h".to_string());
+    vec![
+        (topics::BALANCE, key(), good[..good.len() / 2].to_vec(), "truncated protobuf"),
+        (topics::BALANCE, key(), vec![0xff; 40], "bytes that are not protobuf"),
+        (
+            topics::BALANCE,
+            key(),
+            RuleUpdated::default().encode_to_vec(),
+            "a message of another type",
+        ),
+        (topics::BALANCE, None, good.clone(), "no key"),
+        (
+            topics::BALANCE,
+            Some("sub-other".into()),
+            good.clone(),
+            "a key that is not the subscriber",
+        ),
+        (topics::BALANCE, key(), future.encode_to_vec(), "a balance from the future"),
+        (topics::BALANCE, key(), overflowing.encode_to_vec(), "an overflowing amount"),
+        (topics::BALANCE, key(), odd_currency.encode_to_vec(), "a currency that is no code"),
+        (topics::BALANCE, Some("x".repeat(200_000)), huge.encode_to_vec(), "a huge subscriber id"),
+        (topics::BALANCE, key(), Vec::new(), "an empty value"),
+        (
+            topics::RULES,
+            key(),
+            RuleUpdated { rule: Some(unknown_state), updated_at: None }.encode_to_vec(),
+            "an unknown enum value",
+        ),
+        (
+            topics::RULES,
+            key(),
+            RuleUpdated { rule: Some(negative_rule), updated_at: None }.encode_to_vec(),
+            "a negative top-up amount",
+        ),
+        (topics::RESULTS, key(), result_without_command.encode_to_vec(), "a result for no command"),
+        (topics::COMMANDS, key(), negative_command.encode_to_vec(), "a negative charge"),
+        (topics::COMMANDS, key(), no_id.encode_to_vec(), "a command without ids"),
+        (
+            topics::NOTIFICATIONS,
+            key(),
+            unknown_kind.encode_to_vec(),
+            "an unknown notification kind",
+        ),
+        (
+            topics::NOTIFICATIONS,
+            key(),
+            vec![0x0a, 0xff, 0xff, 0xff, 0xff, 0x0f],
+            "a length beyond the value",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_records_are_dead_lettered_with_a_reason_and_the_services_carry_on(
+) -> anyhow::Result<()> {
+    let platform = Platform::start()?;
+    let records = hostile_records();
+    for (topic, key, value, _) in &records {
+        match key {
+            Some(key) => platform.publish_raw(topic, key, value).await?,
+            None => platform.publish_unkeyed(topic, value).await?,
+        }
+    }
+    // Behind all of them, real work for a subscriber with a rule.
+    platform.publish_rule(rule("sub-ok", "tok_ok", topup_proto::v1::RuleState::Active)).await?;
+    platform.publish_balance("sub-ok", 800, 1).await?;
+    let mut results = platform.reader::<TopUpResult>(topics::RESULTS)?;
+    results.wait_for("the good top-up", |r| r.subscriber_id == "sub-ok").await?;
+
+    let mut dead = platform.reader::<DeadLetter>(topics::DLQ)?;
+    // The negative charge is answered with a failed result and also kept in the DLQ.
+    dead.wait_for_count("every hostile record", records.len(), |_| true).await?;
+    let mut by_topic: HashMap<String, usize> = HashMap::new();
+    for letter in &dead.seen {
+        assert!(!letter.reason.is_empty(), "a dead letter without a reason: {letter:?}");
+        assert!(!letter.service.is_empty());
+        *by_topic.entry(letter.source_topic.clone()).or_default() += 1;
+    }
+    for (topic, _, _, _) in &records {
+        assert!(by_topic.contains_key(*topic), "nothing dead-lettered from {topic}");
+    }
+    let reasons: Vec<&str> = dead.seen.iter().map(|d| d.reason.as_str()).collect();
+    for expected in [
+        "value is not a valid",
+        "has no UTF-8 key",
+        "differs from subscriber_id",
+        "ahead of the record's time",
+        "is not a known notification kind",
+        "128 allowed",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(expected)),
+            "no reason mentions {expected:?}: {reasons:#?}"
+        );
+    }
+    assert_eq!(
+        dead.seen.len(),
+        records.len(),
+        "exactly one dead letter per hostile record: {reasons:#?}"
+    );
+    platform.stop().await
+}
+
+/// A channel that accepts everything.
+#[derive(Clone)]
+struct Discard;
+
+impl Channel for Discard {
+    async fn deliver(&self, _: &Delivery<'_>) -> Result<(), ChannelError> {
+        Ok(())
+    }
+}
+
+/// Valid records of every input topic, to mutate.
+fn valid_values() -> Vec<(&'static str, Vec<u8>)> {
+    let rule = rule("sub-f", "tok_ok", topup_proto::v1::RuleState::Active);
+    vec![
+        (topics::BALANCE, balance("sub-f", 800, 7).encode_to_vec()),
+        (topics::RULES, RuleUpdated { rule: Some(rule), updated_at: None }.encode_to_vec()),
+        (
+            topics::RESULTS,
+            TopUpResult {
+                command_id: "c-1".into(),
+                subscriber_id: "sub-f".into(),
+                status: 1,
+                amount: Some(cny(5000)),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+        (topics::COMMANDS, command("sub-f", "c-2", &["tok_ok", "tok_decline"]).encode_to_vec()),
+        (
+            topics::NOTIFICATIONS,
+            NotificationCommand {
+                notification_id: "n-f".into(),
+                subscriber_id: "sub-f".into(),
+                kind: NotificationKind::TopUpFailed as i32,
+                locale: "zh-CN".into(),
+                amount: Some(cny(5000)),
+                ..Default::default()
+            }
+            .encode_to_vec(),
+        ),
+    ]
+}
+
+fn input(topic: &str, key: Option<Vec<u8>>, payload: Vec<u8>) -> Input {
+    Input {
+        topic: topic.to_string(),
+        partition: 0,
+        offset: 0,
+        key,
+        payload: Some(payload),
+        timestamp_ms: Some(1_764_000_000_000),
+        headers: Vec::new(),
+    }
+}
+
+/// A value: arbitrary bytes, or a valid record truncated, with bytes overwritten.
+fn value() -> impl Strategy<Value = (usize, Vec<u8>)> {
+    let topics = valid_values().len();
+    prop_oneof![
+        (0..topics, proptest::collection::vec(any::<u8>(), 0..256)),
+        (0..topics, any::<usize>(), proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8))
+            .prop_map(|(topic, cut, flips)| {
+                let mut bytes = valid_values()[topic].1.clone();
+                for (at, byte) in flips {
+                    if !bytes.is_empty() {
+                        let len = bytes.len();
+                        bytes[at % len] = byte;
+                    }
+                }
+                let keep = cut % (bytes.len() + 1);
+                bytes.truncate(keep.max(bytes.len() / 2));
+                (topic, bytes)
+            }),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_processor_answers_or_refuses_any_bytes_without_panicking(
+        (topic_index, bytes) in value(),
+        keyed in any::<bool>(),
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let topic = valid_values()[topic_index].0;
+        let key = keyed.then(|| b"sub-f".to_vec());
+        let record = input(topic, key, bytes);
+        let kafka = KafkaArgs::new("127.0.0.1:1");
+        runtime.block_on(async {
+            let mut out = Vec::new();
+            let answer = match topic {
+                topics::COMMANDS => {
+                    let retry = topup_payment_worker::RetryPolicy {
+                        max_attempts: 1,
+                        initial_backoff: Duration::from_millis(1),
+                        max_backoff: Duration::from_millis(1),
+                        deadline: Duration::from_secs(1),
+                    };
+                    let limits = topup_payment_worker::Limits { max_single_charge_minor: 100_000 };
+                    let mut worker = topup_payment_worker::PaymentWorker::new(
+                        topup_payment_worker::Sandbox::new(), retry, limits, 4);
+                    worker.process(&record, &mut out).await
+                }
+                topics::NOTIFICATIONS => {
+                    let policy = topup_notifier::Config::new(kafka.clone()).policy();
+                    let mut notifier = topup_notifier::Notifier::new(Discard, policy, kafka);
+                    notifier.process(&record, &mut out).await
+                }
+                _ => {
+                    let mut evaluator = topup_evaluator::Evaluator::new(
+                        kafka, topup_evaluator::Settings { reminder_level_minor: 500 });
+                    evaluator.process(&record, &mut out).await
+                }
+            };
+            if let Err(refusal) = answer {
+                prop_assert!(!refusal.0.is_empty(), "a refusal without a reason");
+            }
+            Ok(())
+        })?;
+    }
+}
