@@ -225,6 +225,29 @@ impl Platform {
         Reader::new(&self.kafka, topic)
     }
 
+    /// Every committed record of `topic` that exists now and decodes as `T` (hostile
+    /// records mixed in are skipped), and how many did not.
+    pub async fn read_decodable<T: topup_proto::Message + Default>(
+        &self,
+        topic: &'static str,
+    ) -> anyhow::Result<(Vec<T>, usize)> {
+        let (mut all, mut skipped) = (Vec::new(), 0);
+        for partition in 0..PARTITIONS {
+            let kafka = self.kafka.clone();
+            let records = tokio::task::spawn_blocking(move || {
+                read_partition_to_end(&kafka, topic, partition, WAIT)
+            })
+            .await??;
+            for record in records {
+                match T::decode(record.payload.as_deref().unwrap_or_default()) {
+                    Ok(message) => all.push(message),
+                    Err(_) => skipped += 1,
+                }
+            }
+        }
+        Ok((all, skipped))
+    }
+
     /// Every committed record of `topic` that exists now, decoded.
     pub async fn read_all<T: topup_proto::Message + Default>(
         &self,
