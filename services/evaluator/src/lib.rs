@@ -24,6 +24,10 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
+    /// Health and metrics endpoints.
+    #[command(flatten)]
+    pub ops: topup_kafka::OpsArgs,
+
     /// Consumer group of all evaluator instances.
     #[arg(long = "evaluator-group", env = "EVALUATOR_GROUP", default_value = "topup-evaluator")]
     pub group_id: String,
@@ -48,6 +52,7 @@ impl Config {
     pub fn new(kafka: KafkaArgs) -> Self {
         Self {
             kafka,
+            ops: topup_kafka::OpsArgs::default(),
             group_id: "topup-evaluator".into(),
             transactional_id: None,
             max_batch: 500,
@@ -66,7 +71,9 @@ pub async fn main_from_args() -> anyhow::Result<()> {
     }
     let cli = <Cli as clap::Parser>::parse();
     topup_kafka::init_logging();
-    run(cli.config, topup_kafka::shutdown_on_signal()).await?;
+    let shutdown = topup_kafka::shutdown_on_signal();
+    topup_kafka::spawn_ops(&cli.config.ops, &shutdown);
+    run(cli.config, shutdown).await?;
     Ok(())
 }
 

@@ -67,6 +67,8 @@ impl KafkaArgs {
             // broker answers as soon as data arrives): keep it short for latency.
             .set("fetch.wait.max.ms", "10")
             .set("fetch.error.backoff.ms", "10")
+            // Consumer lag per partition, for the metrics.
+            .set("statistics.interval.ms", "10000")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", (self.session_timeout_ms / 5).max(100).to_string());
         config

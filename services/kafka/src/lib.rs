@@ -4,6 +4,7 @@
 
 mod config;
 mod error;
+pub mod ops;
 mod pipeline;
 mod record;
 mod restore;
@@ -13,6 +14,7 @@ mod topics;
 
 pub use config::KafkaArgs;
 pub use error::{Error, Result};
+pub use ops::{health, pipeline_metrics, registry, spawn_ops, OpsArgs};
 pub use pipeline::{run_pipeline, PipelineSpec, Processor, Refusal};
 pub use record::{dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output};
 pub use restore::read_partition_to_end;

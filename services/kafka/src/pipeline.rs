@@ -126,13 +126,34 @@ enum RebalanceEvent {
 #[derive(Default)]
 struct RebalanceLog {
     events: Mutex<Vec<RebalanceEvent>>,
+    /// For the lag gauge's labels.
+    service: &'static str,
 }
 
 fn partitions_of(list: &TopicPartitionList) -> BTreeSet<i32> {
     list.elements().iter().map(|e| e.partition()).collect()
 }
 
-impl ClientContext for RebalanceLog {}
+impl ClientContext for RebalanceLog {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the consumer lag of each
+    /// assigned partition, as a gauge.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let lag = &crate::ops::pipeline_metrics().lag;
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                if *partition < 0 || p.consumer_lag < 0 {
+                    continue;
+                }
+                let labels = crate::ops::PartitionLabels {
+                    service: self.service.to_string(),
+                    topic: topic.clone(),
+                    partition: partition.to_string(),
+                };
+                lag.get_or_create(&labels).set(p.consumer_lag);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for RebalanceLog {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -203,8 +224,12 @@ async fn run_incarnation<P: Processor>(
     mut processor: P,
     shutdown: &CancellationToken,
 ) -> Result<()> {
-    let consumer: StreamConsumer<RebalanceLog> =
-        spec.kafka.group_consumer(&spec.group_id).create_with_context(RebalanceLog::default())?;
+    // Ready again once partitions are assigned and restored (see `apply_rebalances`).
+    crate::ops::health().set_ready(&spec.group_id, false);
+    let consumer: StreamConsumer<RebalanceLog> = spec
+        .kafka
+        .group_consumer(&spec.group_id)
+        .create_with_context(RebalanceLog { service: spec.service, ..RebalanceLog::default() })?;
     let producer: Arc<BaseProducer> = Arc::new(
         spec.kafka
             .transactional_producer(&format!("{}-{incarnation}", spec.transactional_id))
@@ -217,20 +242,30 @@ async fn run_incarnation<P: Processor>(
     consumer.subscribe(&spec.inputs)?;
     tracing::info!(service = spec.service, inputs = ?spec.inputs, group = %spec.group_id, "pipeline started");
 
-    let mut ticks = tokio::time::interval(spec.tick_every.unwrap_or(Duration::from_secs(3600)));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Between batches, even when no record comes: act on rebalances (restore, readiness)
+    // and run the processor's tick when it is due.
+    let mut housekeeping = tokio::time::interval(
+        spec.tick_every.unwrap_or(Duration::from_millis(200)).min(Duration::from_millis(200)),
+    );
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = tokio::time::Instant::now();
     loop {
         let first = tokio::select! {
             biased;
             // Between batches nothing is in flight: stopping here loses nothing.
             _ = shutdown.cancelled() => break,
             // Between batches too: the processor's state matches what is committed.
-            _ = ticks.tick(), if spec.tick_every.is_some() => {
+            _ = housekeeping.tick() => {
                 // Partitions revoked meanwhile must not be acted on by this instance.
                 apply_rebalances(spec, &consumer, &mut processor).await?;
-                let out = processor.tick(SystemTime::now()).await;
-                if !out.is_empty() {
-                    commit_outputs(&producer, &out).await?;
+                if let Some(every) = spec.tick_every {
+                    if last_tick.elapsed() >= every {
+                        last_tick = tokio::time::Instant::now();
+                        let out = processor.tick(SystemTime::now()).await;
+                        if !out.is_empty() {
+                            commit_outputs(&producer, &out).await?;
+                        }
+                    }
                 }
                 continue;
             }
@@ -291,6 +326,7 @@ async fn apply_rebalances<P: Processor>(
             RebalanceEvent::Assigned(partitions) => {
                 tracing::info!(service = spec.service, ?partitions, "partitions assigned");
                 processor.assigned(&partitions).await?;
+                crate::ops::health().set_ready(&spec.group_id, true);
             }
         }
     }
@@ -342,8 +378,15 @@ async fn process_batch<P: Processor>(
     }
     producer.begin_transaction()?;
     let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
+    let metrics = crate::ops::pipeline_metrics();
+    let labels = |topic: &str| crate::ops::TopicLabels {
+        service: spec.service.to_string(),
+        topic: topic.to_string(),
+    };
     for (input, answer) in batch.iter().zip(answers) {
+        metrics.consumed.get_or_create(&labels(&input.topic)).inc();
         let out = answer.unwrap_or_else(|Refusal(reason)| {
+            metrics.dead_letters.get_or_create(&labels(&input.topic)).inc();
             tracing::warn!(
                 service = spec.service,
                 topic = %input.topic,
@@ -356,6 +399,7 @@ async fn process_batch<P: Processor>(
         });
         for output in &out {
             send(producer, output).await?;
+            metrics.produced.get_or_create(&labels(output.topic)).inc();
         }
         offsets.insert((input.topic.as_str(), input.partition), input.offset + 1);
     }

@@ -1,21 +1,32 @@
 //! Process plumbing every binary shares: logging and the shutdown signal.
 use tokio_util::sync::CancellationToken;
 
-/// Readable log lines on stderr — one line per thing that happened, time since start,
-/// colours only on a terminal; `RUST_LOG` filters (default `info`, Kafka client chatter at
-/// `warn`).
+/// Log lines on stderr: readable on a terminal — one line per thing that happened, time
+/// since start, colours — and JSON objects elsewhere (containers), unless `LOG_FORMAT` says
+/// `text` or `json`. `RUST_LOG` filters (default `info`, Kafka client chatter at `warn`).
 pub fn init_logging() {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let _ = tracing_subscriber::fmt()
-        .compact()
+    let terminal = std::io::stderr().is_terminal();
+    let json = match std::env::var("LOG_FORMAT").as_deref() {
+        Ok("json") => true,
+        Ok("text") => false,
+        _ => !terminal,
+    };
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_timer(tracing_subscriber::fmt::time::uptime())
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder
+            .compact()
+            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_ansi(terminal)
+            .try_init()
+    };
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM: services finish their batch and stop.

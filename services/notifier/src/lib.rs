@@ -30,6 +30,10 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
+    /// Health and metrics endpoints.
+    #[command(flatten)]
+    pub ops: topup_kafka::OpsArgs,
+
     /// Consumer group of all notifier instances.
     #[arg(long = "notifier-group", env = "NOTIFIER_GROUP", default_value = "topup-notifier")]
     pub group_id: String,
@@ -129,6 +133,7 @@ impl Config {
     pub fn new(kafka: KafkaArgs) -> Self {
         Self {
             kafka,
+            ops: topup_kafka::OpsArgs::default(),
             group_id: "topup-notifier".into(),
             transactional_id: None,
             max_batch: 200,
@@ -226,9 +231,11 @@ pub async fn main_from_args() -> anyhow::Result<()> {
     }
     let cli = <Cli as clap::Parser>::parse();
     topup_kafka::init_logging();
+    let shutdown = topup_kafka::shutdown_on_signal();
+    topup_kafka::spawn_ops(&cli.config.ops, &shutdown);
     let channels = cli.config.channels()?;
     tracing::info!(channels = %channels.describe(), "notifier channels");
-    run(cli.config, channels, topup_kafka::shutdown_on_signal()).await?;
+    run(cli.config, channels, shutdown).await?;
     Ok(())
 }
 

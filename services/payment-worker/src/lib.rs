@@ -37,6 +37,10 @@ pub struct Config {
     #[command(flatten)]
     pub kafka: KafkaArgs,
 
+    /// Health and metrics endpoints.
+    #[command(flatten)]
+    pub ops: topup_kafka::OpsArgs,
+
     /// Consumer group of all payment worker instances (the retry lane uses
     /// "<group>-retries").
     #[arg(long = "payment-group", env = "PAYMENT_GROUP", default_value = "topup-payment-worker")]
@@ -121,6 +125,7 @@ impl Config {
     pub fn new(kafka: KafkaArgs) -> Self {
         Self {
             kafka,
+            ops: topup_kafka::OpsArgs::default(),
             group_id: "topup-payment-worker".into(),
             transactional_id: None,
             gateway: GatewayKind::Sandbox,
@@ -190,8 +195,10 @@ pub async fn main_from_args() -> anyhow::Result<()> {
     }
     let cli = <Cli as clap::Parser>::parse();
     topup_kafka::init_logging();
+    let shutdown = topup_kafka::shutdown_on_signal();
+    topup_kafka::spawn_ops(&cli.config.ops, &shutdown);
     let gateway = cli.config.gateway()?;
-    run(cli.config, gateway, topup_kafka::shutdown_on_signal()).await?;
+    run(cli.config, gateway, shutdown).await?;
     Ok(())
 }
 

@@ -1,0 +1,196 @@
+//! What an operator (or Kubernetes) asks a running service: is it alive (`/healthz`), is
+//! it ready — every pipeline has its partitions assigned, their state restored and its
+//! transactional producer initialised (`/readyz`) — and its metrics in the Prometheus
+//! text format (`/metrics`), served on `HTTP_ADDR`.
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+/// `--http-addr`, shared by every service.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct OpsArgs {
+    /// Where to serve /healthz, /readyz and /metrics, e.g. 0.0.0.0:8080; off when unset.
+    #[arg(long = "http-addr", env = "HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+}
+
+/// Readiness of the pipelines of this process, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    pipelines: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl Health {
+    /// Records whether pipeline `name` can do its work now.
+    pub fn set_ready(&self, name: &str, ready: bool) {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), ready);
+    }
+
+    /// Ready when at least one pipeline is known and every one is ready.
+    pub fn is_ready(&self) -> bool {
+        let pipelines = self.pipelines.lock().unwrap_or_else(PoisonError::into_inner);
+        !pipelines.is_empty() && pipelines.values().all(|ready| *ready)
+    }
+
+    /// Each pipeline and whether it is ready, for the /readyz body.
+    pub fn describe(&self) -> String {
+        let pipelines = self.pipelines.lock().unwrap_or_else(PoisonError::into_inner);
+        pipelines
+            .iter()
+            .map(|(name, ready)| {
+                format!("{name}: {}\n", if *ready { "ready" } else { "not ready" })
+            })
+            .collect()
+    }
+}
+
+/// The process-wide health, set by the pipelines.
+pub fn health() -> &'static Health {
+    static HEALTH: OnceLock<Health> = OnceLock::new();
+    HEALTH.get_or_init(Health::default)
+}
+
+/// Labels of per-topic counters.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicLabels {
+    /// The service.
+    pub service: String,
+    /// The topic.
+    pub topic: String,
+}
+
+/// Labels of per-partition gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PartitionLabels {
+    /// The service.
+    pub service: String,
+    /// The topic.
+    pub topic: String,
+    /// The partition.
+    pub partition: String,
+}
+
+/// The metrics every pipeline keeps. Services register their own in [`registry`].
+pub struct PipelineMetrics {
+    /// `topup_records_consumed_total{service,topic}`.
+    pub consumed: Family<TopicLabels, Counter>,
+    /// `topup_records_produced_total{service,topic}`.
+    pub produced: Family<TopicLabels, Counter>,
+    /// `topup_dead_letters_total{service,topic}` (topic = where the record came from).
+    pub dead_letters: Family<TopicLabels, Counter>,
+    /// `topup_consumer_lag_records{service,topic,partition}`.
+    pub lag: Family<PartitionLabels, Gauge>,
+}
+
+/// The process's metric registry (namespace `topup`).
+pub fn registry() -> &'static Mutex<Registry> {
+    static REGISTRY: OnceLock<Mutex<Registry>> = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(Registry::with_prefix("topup")))
+}
+
+/// The pipelines' metrics, registered on first use.
+pub fn pipeline_metrics() -> &'static PipelineMetrics {
+    static METRICS: OnceLock<PipelineMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        let metrics = PipelineMetrics {
+            consumed: Family::default(),
+            produced: Family::default(),
+            dead_letters: Family::default(),
+            lag: Family::default(),
+        };
+        let mut registry = registry().lock().unwrap_or_else(PoisonError::into_inner);
+        registry.register(
+            "records_consumed",
+            "Records consumed, per topic",
+            metrics.consumed.clone(),
+        );
+        registry.register(
+            "records_produced",
+            "Records produced, per topic",
+            metrics.produced.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Records sent to the dead-letter topic, per source topic",
+            metrics.dead_letters.clone(),
+        );
+        registry.register(
+            "consumer_lag_records",
+            "Records not yet consumed, per partition",
+            metrics.lag.clone(),
+        );
+        metrics
+    })
+}
+
+/// The metrics in the Prometheus text format.
+pub fn render_metrics() -> String {
+    let _ = pipeline_metrics();
+    let mut text = String::new();
+    let registry = registry().lock().unwrap_or_else(PoisonError::into_inner);
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut text, &registry) {
+        tracing::warn!(error = %e, "could not encode the metrics");
+    }
+    text
+}
+
+/// Serves /healthz, /readyz and /metrics on `addr` until `shutdown`.
+pub async fn serve_ops(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                let status = if health().is_ready() {
+                    StatusCode::OK
+                } else {
+                    StatusCode::SERVICE_UNAVAILABLE
+                };
+                (status, health().describe())
+            }),
+        )
+        .route(
+            "/metrics",
+            get(|| async {
+                (
+                    [(
+                        header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    render_metrics(),
+                )
+                    .into_response()
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// Starts [`serve_ops`] in the background when `args` asks for it; a failure to bind is
+/// logged, not fatal (the service does its work without the endpoints).
+pub fn spawn_ops(args: &OpsArgs, shutdown: &CancellationToken) {
+    if let Some(addr) = args.http_addr {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serve_ops(addr, shutdown).await {
+                tracing::error!(%addr, error = %e, "could not serve /healthz, /readyz and /metrics");
+            }
+        });
+    }
+}

@@ -1,0 +1,61 @@
+//! What an SRE asks a running service: alive, ready (partitions assigned and restored),
+//! and its metrics in the Prometheus text format — on `HTTP_ADDR`, from the real binary.
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::Context;
+use topup_proto::topics;
+use topup_proto::v1::RuleState;
+use topup_tests::{rule, Platform, WAIT};
+
+async fn get(url: &str) -> anyhow::Result<(u16, String)> {
+    let response = reqwest::get(url).await?;
+    Ok((response.status().as_u16(), response.text().await?))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_says_when_it_is_alive_ready_and_what_it_did() -> anyhow::Result<()> {
+    let platform = Platform::cluster()?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_evaluator_child"))
+        .env("KAFKA_BROKERS", &platform.kafka.brokers)
+        .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the evaluator")?;
+    let base = format!("http://127.0.0.1:{port}");
+
+    // Alive as soon as it listens; ready once its partitions are assigned and restored.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        every.tick().await;
+        if let Ok((status, body)) = get(&format!("{base}/readyz")).await {
+            if status == 200 {
+                assert!(body.contains("topup-evaluator: ready"), "{body}");
+                break;
+            }
+            assert_eq!(status, 503, "{body}");
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never ready");
+    }
+    assert_eq!(get(&format!("{base}/healthz")).await?.0, 200);
+
+    platform.publish_rule(rule("sub-ops", "tok_ok", RuleState::Active)).await?;
+    platform.publish_balance("sub-ops", 800, 1).await?;
+    platform.wait_caught_up("topup-evaluator", &[topics::BALANCE, topics::RULES]).await?;
+    let (status, metrics) = get(&format!("{base}/metrics")).await?;
+    assert_eq!(status, 200);
+    for expected in [
+        r#"topup_records_consumed_total{service="topup-evaluator",topic="carrier.balance.v1"} 1"#,
+        r#"topup_records_consumed_total{service="topup-evaluator",topic="topup.rules.v1"} 1"#,
+        r#"topup_records_produced_total{service="topup-evaluator",topic="topup.commands.v1"} 1"#,
+    ] {
+        assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
+    }
+    child.kill().await?;
+    Ok(())
+}
