@@ -3,7 +3,8 @@ FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 RUN cargo build --release --locked \
-      -p topup -p topup-evaluator -p topup-payment-worker -p topup-notifier
+      -p topup -p topup-evaluator -p topup-payment-worker -p topup-notifier \
+      -p topupctl
 
 FROM debian:bookworm-slim
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates \
@@ -11,7 +12,10 @@ RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates
 COPY --from=build /src/target/release/topup \
                   /src/target/release/topup-evaluator \
                   /src/target/release/topup-payment-worker \
-                  /src/target/release/topup-notifier /usr/local/bin/
+                  /src/target/release/topup-notifier \
+                  /src/target/release/topupctl /usr/local/bin/
 USER topup
+# Health (/healthz, /readyz) and Prometheus metrics (/metrics), with HTTP_ADDR=0.0.0.0:8080.
+EXPOSE 8080
 # Each container picks its binary with `command:`; the default is the all-in-one.
 CMD ["topup"]
