@@ -187,14 +187,7 @@ impl Platform {
         amount_minor: i64,
         sequence: u64,
     ) -> anyhow::Result<()> {
-        let event = BalanceUpdated {
-            subscriber_id: subscriber.into(),
-            carrier_id: "test-carrier".into(),
-            balance: Some(cny(amount_minor)),
-            sequence,
-            observed_at: Some(topup_kafka::now_timestamp()),
-            event_id: String::new(),
-        };
+        let event = balance(subscriber, amount_minor, sequence);
         self.publish_raw(topup_proto::topics::BALANCE, subscriber, &event.encode_to_vec()).await
     }
 
@@ -248,21 +241,15 @@ impl Platform {
         Ok((all, skipped))
     }
 
-    /// Every committed record of `topic` that exists now, decoded.
+    /// Every committed record of `topic` that exists now, decoded; any that does not
+    /// decode is an error.
     pub async fn read_all<T: topup_proto::Message + Default>(
         &self,
         topic: &'static str,
     ) -> anyhow::Result<Vec<T>> {
-        let mut all = Vec::new();
-        for partition in 0..PARTITIONS {
-            let kafka = self.kafka.clone();
-            let records = tokio::task::spawn_blocking(move || {
-                read_partition_to_end(&kafka, topic, partition, WAIT)
-            })
-            .await??;
-            for record in records {
-                all.push(T::decode(record.payload.as_deref().unwrap_or_default())?);
-            }
+        let (all, skipped) = self.read_decodable(topic).await?;
+        if skipped > 0 {
+            bail!("{skipped} records of {topic} are not a {}", std::any::type_name::<T>());
         }
         Ok(all)
     }
@@ -299,6 +286,18 @@ fn lagging_partitions(
         }
     }
     Ok(lagging)
+}
+
+/// A balance event in CNY fen, observed now.
+pub fn balance(subscriber: &str, amount_minor: i64, sequence: u64) -> BalanceUpdated {
+    BalanceUpdated {
+        subscriber_id: subscriber.into(),
+        carrier_id: "test-carrier".into(),
+        balance: Some(cny(amount_minor)),
+        sequence,
+        observed_at: Some(topup_kafka::now_timestamp()),
+        event_id: String::new(),
+    }
 }
 
 /// Money in CNY fen.

@@ -9,21 +9,10 @@ use proptest::prelude::*;
 use topup_kafka::{Input, KafkaArgs, Processor};
 use topup_notifier::channel::{Channel, ChannelError, Delivery};
 use topup_proto::v1::{
-    BalanceUpdated, DeadLetter, NotificationCommand, NotificationKind, RuleUpdated, TopUpResult,
+    DeadLetter, NotificationCommand, NotificationKind, RuleUpdated, TopUpResult,
 };
 use topup_proto::{topics, Message};
-use topup_tests::{cny, command, rule, Platform};
-
-fn balance(subscriber: &str, minor: i64, sequence: u64) -> BalanceUpdated {
-    BalanceUpdated {
-        subscriber_id: subscriber.into(),
-        carrier_id: "test-carrier".into(),
-        balance: Some(cny(minor)),
-        sequence,
-        observed_at: Some(topup_kafka::now_timestamp()),
-        event_id: String::new(),
-    }
-}
+use topup_tests::{balance, cny, command, rule, Platform};
 
 /// (topic, key, value, what it is) for every kind of hostile record.
 fn hostile_records() -> Vec<(&'static str, Option<String>, Vec<u8>, &'static str)> {

@@ -70,9 +70,7 @@ pub async fn main_from_args() -> anyhow::Result<()> {
         config: Config,
     }
     let cli = <Cli as clap::Parser>::parse();
-    topup_kafka::init_logging();
-    let shutdown = topup_kafka::shutdown_on_signal();
-    topup_kafka::spawn_ops(&cli.config.ops, &shutdown);
+    let shutdown = topup_kafka::start_service(&cli.config.ops);
     run(cli.config, shutdown).await?;
     Ok(())
 }

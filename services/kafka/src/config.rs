@@ -43,6 +43,9 @@ impl KafkaArgs {
     fn base(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
         config.set("bootstrap.servers", &self.brokers);
+        // Reconnect within a second once a broker is back (librdkafka's default backs off up
+        // to 10 s: measured here as stalls of several seconds after a broker restart).
+        config.set("reconnect.backoff.max.ms", "1000");
         for property in &self.properties {
             if let Some((key, value)) = property.split_once('=') {
                 config.set(key.trim(), value.trim());

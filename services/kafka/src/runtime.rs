@@ -66,3 +66,12 @@ pub fn instance_id(service: &str) -> String {
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
     format!("{service}-{host}-{}", std::process::id())
 }
+
+/// What every service binary does before its work: logging, the shutdown signal, and the
+/// health and metrics endpoints when `ops` asks for them. Returns the shutdown token.
+pub fn start_service(ops: &crate::OpsArgs) -> CancellationToken {
+    init_logging();
+    let shutdown = shutdown_on_signal();
+    crate::spawn_ops(ops, &shutdown);
+    shutdown
+}

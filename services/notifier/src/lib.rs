@@ -230,9 +230,7 @@ pub async fn main_from_args() -> anyhow::Result<()> {
         config: Config,
     }
     let cli = <Cli as clap::Parser>::parse();
-    topup_kafka::init_logging();
-    let shutdown = topup_kafka::shutdown_on_signal();
-    topup_kafka::spawn_ops(&cli.config.ops, &shutdown);
+    let shutdown = topup_kafka::start_service(&cli.config.ops);
     let channels = cli.config.channels()?;
     tracing::info!(channels = %channels.describe(), "notifier channels");
     run(cli.config, channels, shutdown).await?;
