@@ -151,6 +151,13 @@ async fn messages_arrive_in_the_subscribers_language_on_every_channel() -> anyho
     assert!(destinations.contains(&"li***@example.com"), "{destinations:?}");
     assert!(destinations.contains(&"+86 138****5678"), "{destinations:?}");
     assert!(destinations.iter().all(|d| !d.contains("13812345678") && !d.contains("0123456789")));
+    let metrics = topup_kafka::ops::render_metrics();
+    for expected in [
+        r#"topup_notification_deliveries_total{channel="sms",status="delivered"} 1"#,
+        r#"topup_notification_deliveries_total{channel="email",status="delivered"} 2"#,
+    ] {
+        assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
+    }
     platform.stop().await
 }
 

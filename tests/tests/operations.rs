@@ -53,6 +53,8 @@ async fn a_service_says_when_it_is_alive_ready_and_what_it_did() -> anyhow::Resu
         r#"topup_records_consumed_total{service="topup-evaluator",topic="carrier.balance.v1"} 1"#,
         r#"topup_records_consumed_total{service="topup-evaluator",topic="topup.rules.v1"} 1"#,
         r#"topup_records_produced_total{service="topup-evaluator",topic="topup.commands.v1"} 1"#,
+        "topup_topups_issued_total 1",
+        "topup_command_latency_seconds_count 1",
     ] {
         assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
     }

@@ -100,6 +100,15 @@ async fn every_gateway_answer_ends_in_one_result_and_at_most_one_charge() -> any
     assert!(gateway.requests("topup-timeout") >= 2);
     assert_eq!(gateway.requests("topup-outage"), 5, "the retry budget is 5 attempts");
     assert_eq!(gateway.bad_signatures(), 0);
+    let metrics = topup_kafka::ops::render_metrics();
+    for expected in [
+        r#"topup_topups_completed_total{status="failed",reason="card_expired"} 2"#,
+        r#"topup_topups_completed_total{status="failed",reason="gateway_unavailable"} 1"#,
+        r#"topup_topups_completed_total{status="succeeded",reason="none"} 5"#,
+        "topup_result_latency_seconds_count 10",
+    ] {
+        assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
+    }
 
     // The subscriber hears what to fix.
     let mut notifications = platform.reader::<NotificationCommand>(topics::NOTIFICATIONS)?;

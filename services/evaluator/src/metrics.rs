@@ -1,4 +1,4 @@
-//! The evaluator's counters (read by the all-in-one summary; exported by telemetry later).
+//! The evaluator's counters (read by the all-in-one summary) and its exported metrics.
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Balance events consumed (stale ones included).
@@ -12,4 +12,35 @@ pub static DEAD_LETTERS: AtomicU64 = AtomicU64::new(0);
 
 pub(crate) fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Metrics served on `/metrics`.
+pub(crate) struct Exported {
+    /// `topup_topups_issued_total`.
+    pub(crate) topups_issued: prometheus_client::metrics::counter::Counter,
+    /// `topup_command_latency_seconds`: balance observed → command issued.
+    pub(crate) command_latency: prometheus_client::metrics::histogram::Histogram,
+}
+
+pub(crate) fn exported() -> &'static Exported {
+    static EXPORTED: std::sync::OnceLock<Exported> = std::sync::OnceLock::new();
+    EXPORTED.get_or_init(|| {
+        let exported = Exported {
+            topups_issued: Default::default(),
+            command_latency: prometheus_client::metrics::histogram::Histogram::new(
+                topup_kafka::ops::latency_buckets(),
+            ),
+        };
+        topup_kafka::ops::register(
+            "topups_issued",
+            "Top-up commands issued",
+            exported.topups_issued.clone(),
+        );
+        topup_kafka::ops::register(
+            "command_latency_seconds",
+            "From the balance's observed_at to the top-up command",
+            exported.command_latency.clone(),
+        );
+        exported
+    })
 }

@@ -139,6 +139,13 @@ impl Processor for Evaluator {
                     match effect {
                         Effect::Command(command) => {
                             count(&metrics::COMMANDS_ISSUED);
+                            let exported = metrics::exported();
+                            exported.topups_issued.inc();
+                            if let Some(seconds) =
+                                topup_kafka::ops::seconds_since(command.observed_at.as_ref())
+                            {
+                                exported.command_latency.observe(seconds);
+                            }
                             tracing::info!(
                                 subscriber = %subscriber,
                                 command_id = %command.command_id,

@@ -194,3 +194,19 @@ pub fn spawn_ops(args: &OpsArgs, shutdown: &CancellationToken) {
         });
     }
 }
+
+/// Buckets for end-to-end latencies in seconds: 5 ms to about 80 s.
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.005, 2.0, 15)
+}
+
+/// Seconds from `observed_at` to now (none when the time is missing or in the future).
+pub fn seconds_since(observed_at: Option<&topup_proto::Timestamp>) -> Option<f64> {
+    let observed = crate::system_time(observed_at?);
+    std::time::SystemTime::now().duration_since(observed).ok().map(|d| d.as_secs_f64())
+}
+
+/// Registers a metric in the process registry.
+pub fn register(name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
+    registry().lock().unwrap_or_else(PoisonError::into_inner).register(name, help, metric);
+}

@@ -45,6 +45,7 @@ fn receipt(
     destination: String,
     detail: String,
 ) -> Output {
+    metrics::receipt(channel, status);
     let receipt = DeliveryReceipt {
         notification_id: n.notification_id.clone(),
         subscriber_id: n.subscriber_id.clone(),

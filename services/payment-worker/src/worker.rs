@@ -134,6 +134,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                     // failed result, and keep the record in the dead-letter topic for operators.
                     count(&metrics::DEAD_LETTERS);
                     tracing::warn!(command_id = %result.command_id, %reason, "command refused by a safety limit");
+                    metrics::completed(&result);
                     let notification = notify(&result, None);
                     return Ok(vec![
                         Output::message(topics::RESULTS, &result.subscriber_id, &*result),
@@ -155,6 +156,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                 vec![Output::message(topics::PAYMENT_RETRIES, subscriber.as_str(), &*retry)]
             }
             Step::Finished(result) => {
+                metrics::completed(&result);
                 let notification = notify(&result, Some(locale_channels));
                 vec![
                     Output::message(topics::RESULTS, subscriber.as_str(), &*result),
