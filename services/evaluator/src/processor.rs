@@ -61,7 +61,11 @@ fn apply_record(
         states.remove(key);
         return Ok(());
     };
-    let record = changelog::SubscriberState::decode(bytes).map_err(|e| e.to_string())?;
+    let mut record = changelog::SubscriberState::decode(bytes).map_err(|e| e.to_string())?;
+    if record.subscriber_id.is_empty() {
+        // Left out when written: it is the key.
+        record.subscriber_id = key.to_string();
+    }
     let mut state = SubscriberState::try_from(&record).map_err(|e| e.to_string())?;
     // Records without a rule leave the rule written under its own key in place (records
     // written before the split carry their rule and replace it).
@@ -258,6 +262,28 @@ mod tests {
         old.rule = Some(raw_rule("sub-3"));
         apply_record(&mut states, "sub-3", Some(&old.encode_to_vec())).unwrap();
         assert!(states["sub-3"].rule.is_some());
+        // The compact record (no subscriber id, no in-flight command id) reads back whole.
+        let settings = Settings { reminder_level_minor: 500 };
+        let now = topup_proto::Timestamp { seconds: 1_764_000_000, nanos: 0 };
+        let rule = Rule::try_from(&raw_rule("sub-5")).unwrap();
+        let state = SubscriberState::new(SubscriberId::parse("sub-5").unwrap());
+        let (state, _) = decide(state, Event::Rule(Box::new(rule)), "t", now, &settings).unwrap();
+        let low = changelog::SubscriberState::decode(dynamic("sub-5", 1).as_slice()).unwrap();
+        let observation = BalanceObservation::try_from(&wire::BalanceUpdated {
+            subscriber_id: "sub-5".into(),
+            balance: low.balance,
+            sequence: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let (state, effects) =
+            decide(state, Event::Balance(observation), "t", now, &settings).unwrap();
+        assert!(!effects.is_empty());
+        let issued = state.in_flight.as_ref().map(|f| f.command_id.clone()).unwrap();
+        apply_record(&mut states, "sub-5", Some(&state.encode_record())).unwrap();
+        assert_eq!(states["sub-5"].in_flight.as_ref().map(|f| f.command_id.clone()), Some(issued));
+        assert_eq!(states["sub-5"].subscriber.as_str(), "sub-5");
+
         // Garbage is refused with a reason, the states untouched.
         assert!(apply_record(&mut states, "sub-4 rule", Some(b"\xff\xff")).is_err());
         assert!(!states.contains_key("sub-4"));

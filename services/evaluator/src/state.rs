@@ -16,8 +16,18 @@ impl SubscriberState {
     /// The changelog record under the subscriber's key, encoded: everything but the rule,
     /// which has a key of its own (see `processor::rule_key`) and is written only when it
     /// changes — a balance event writes a small record.
+    ///
+    /// Two more fields are left out because they can be derived, making the record about
+    /// half the size: the subscriber id (it is the record's key) and the in-flight command
+    /// id (always the last one issued: `command_id(subscriber, cause_sequence,
+    /// commands_issued - 1)`). Reading fills them back in.
     pub fn encode_record(&self) -> Vec<u8> {
-        self.record_without_rule().encode_to_vec()
+        let mut record = self.record_without_rule();
+        record.subscriber_id.clear();
+        if let Some(in_flight) = record.in_flight.as_mut() {
+            in_flight.command_id.clear();
+        }
+        record.encode_to_vec()
     }
 
     /// Whether the changelog must be written: anything but the rule compared by value, the
@@ -84,9 +94,18 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
             }),
             _ => None,
         };
+        let subscriber = SubscriberId::parse(&record.subscriber_id)?;
         let in_flight = match record.in_flight.as_ref() {
             Some(f) => Some(InFlight {
-                command_id: f.command_id.clone(),
+                command_id: if f.command_id.is_empty() {
+                    topup_domain::command_id(
+                        &subscriber,
+                        f.cause_sequence,
+                        record.commands_issued.saturating_sub(1),
+                    )
+                } else {
+                    f.command_id.clone()
+                },
                 amount: money(f.amount.as_ref(), "in_flight.amount")?,
                 cause_sequence: f.cause_sequence,
                 issued_day: f.issued_day,
@@ -95,7 +114,7 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
             None => None,
         };
         Ok(Self {
-            subscriber: SubscriberId::parse(&record.subscriber_id)?,
+            subscriber,
             rule: record
                 .rule
                 .as_ref()
@@ -155,6 +174,7 @@ mod tests {
         assert_eq!(decoded.rule, None, "the rule has its own key");
         let mut whole = state.to_record();
         whole.rule = None;
+        whole.subscriber_id.clear();
         assert_eq!(decoded, whole);
     }
 }
