@@ -92,7 +92,14 @@ async fn assert_ledger(
             "{s}: two top-ups: {theirs:?}"
         );
         repeated_commands += theirs.len() - 1;
-        assert_eq!(command.cause_sequence, 2, "{s}: for the drop below the threshold");
+        // Caused by the drop (sequence 2) — or by a later low balance when the rule reached
+        // the evaluator after the drop (topics are not ordered with each other, and an
+        // outage can hold one back): a rule activated while low fires at once.
+        assert!(
+            (2..=4).contains(&command.cause_sequence),
+            "{s}: caused by {}",
+            command.cause_sequence
+        );
         let answered =
             results.get(&command.command_id).with_context(|| format!("{s}: no result"))?;
         assert!(
