@@ -127,19 +127,28 @@ async fn partition_leaders_down_and_back_during_a_stream_lose_and_duplicate_no_t
         platform.publish_rule(rule(s, "tok_ok", RuleState::Active)).await?;
     }
     let events = stream(&subs);
+    let total = events.len();
     let kafka: KafkaArgs = platform.kafka.clone();
+    // The publisher reports how many events it has published; outages start at points of
+    // the stream, not at times.
+    let (published, mut progress) = tokio::sync::watch::channel(0usize);
     let publisher = tokio::spawn(async move {
         let producer: FutureProducer = kafka.producer().create()?;
-        for (s, amount, sequence) in events {
+        for (n, (s, amount, sequence)) in events.into_iter().enumerate() {
             publish(&producer, &s, amount, sequence).await?;
+            published.send_replace(n + 1);
         }
         anyhow::Ok(())
     });
     // Each broker in turn leads some partitions of every topic (and coordinates some
-    // groups and transactions): take it down for a while during the stream, then back.
-    // The sleeps set how long an outage lasts; nothing waits on them for a result.
+    // groups and transactions): take it down during the stream — after a quarter, a half,
+    // three quarters of it — and bring it back. The sleep sets how long an outage lasts;
+    // nothing waits on it for a result.
     for broker in 1..=3 {
-        tokio::time::sleep(Duration::from_millis(700)).await;
+        let point = total * broker as usize / 4;
+        tokio::time::timeout(WAIT, progress.wait_for(|n| *n >= point))
+            .await
+            .context("the publisher stalled")??;
         platform.kafka_cluster.cluster().broker_down(broker)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         platform.kafka_cluster.cluster().broker_up(broker)?;
