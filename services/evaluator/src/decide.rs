@@ -65,6 +65,17 @@ pub struct InFlight {
     pub issued_day: i64,
     /// UTC month it was counted in.
     pub issued_month: i64,
+    /// The input record that issued it (set by the processor, which knows records).
+    pub issued_by: Option<InputRecord>,
+}
+
+/// Where an input record is: its topic (one of the evaluator's inputs) and offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputRecord {
+    /// Its topic.
+    pub topic: &'static str,
+    /// Its offset on the subscriber's partition.
+    pub offset: i64,
 }
 
 /// Usage counted against the rule's caps.
@@ -284,12 +295,38 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         return;
     }
     let id = command_id(&state.subscriber, balance.sequence, state.commands_issued);
+    let (command, started) = command_effects(state, rule, balance, &id, amount, now);
+    state.in_flight = Some(InFlight {
+        command_id: id,
+        amount,
+        cause_sequence: balance.sequence,
+        issued_day: day,
+        issued_month: month,
+        issued_by: None,
+    });
+    state.caps.topups_today += 1;
+    state.caps.amount_this_month = state.caps.amount_this_month.saturating_add(amount.minor);
+    state.commands_issued += 1;
+    effects.push(Effect::Command(command));
+    effects.push(Effect::Notify(started));
+}
+
+/// The command for top-up `id` of `amount`, caused by `balance`, and the notification that it
+/// started.
+fn command_effects(
+    state: &SubscriberState,
+    rule: &Rule,
+    balance: &LastBalance,
+    id: &str,
+    amount: Money,
+    now: Timestamp,
+) -> (TopUpCommand, NotificationCommand) {
     let command = TopUpCommand {
-        command_id: id.clone(),
+        command_id: id.to_string(),
         subscriber_id: state.subscriber.to_string(),
         amount: Some(amount.to_wire()),
         payment_methods: rule.wire.payment_methods.clone(),
-        idempotency_key: idempotency_key(&id),
+        idempotency_key: idempotency_key(id),
         cause_event_id: format!("{}/{}", state.subscriber, balance.sequence),
         cause_sequence: balance.sequence,
         carrier_id: if balance.carrier_id.is_empty() {
@@ -302,21 +339,44 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         locale: rule.locale.clone(),
         channels: rule.wire.channels.clone(),
     };
-    let mut started = notify(state, rule, NotificationKind::TopUpStarted, &id, now);
-    started.command_id = id.clone();
+    let mut started = notify(state, rule, NotificationKind::TopUpStarted, id, now);
+    started.command_id = id.to_string();
     started.amount = Some(amount.to_wire());
-    state.in_flight = Some(InFlight {
-        command_id: id,
-        amount,
-        cause_sequence: balance.sequence,
-        issued_day: day,
-        issued_month: month,
-    });
-    state.caps.topups_today += 1;
-    state.caps.amount_this_month = state.caps.amount_this_month.saturating_add(amount.minor);
-    state.commands_issued += 1;
-    effects.push(Effect::Command(command));
-    effects.push(Effect::Notify(started));
+    (command, started)
+}
+
+/// The effects of the top-up in flight once more, when the record that issued it is read a
+/// second time (see `InFlight::issued_by`): the same command id, so the same idempotency key,
+/// and the same notification id. `None` unless `record` issued the top-up in flight.
+///
+/// On a broker that honours `read_committed` this never happens: a state that remembers the
+/// top-up was committed with the input's offset. The mock cluster shows uncommitted records,
+/// so a restarted evaluator may restore a state whose command was never written.
+pub fn reissue(
+    state: &SubscriberState,
+    record: InputRecord,
+    event: &Event,
+    now: Timestamp,
+) -> Option<Vec<Effect>> {
+    let flight = state.in_flight.as_ref()?;
+    if flight.issued_by != Some(record) {
+        return None;
+    }
+    let rule = state.rule.as_deref()?;
+    let balance = match event {
+        Event::Balance(observation) if observation.sequence == flight.cause_sequence => {
+            LastBalance {
+                money: observation.balance,
+                sequence: observation.sequence,
+                observed_at: observation.observed_at,
+                carrier_id: observation.carrier_id.clone(),
+            }
+        }
+        _ => state.balance.clone()?,
+    };
+    let (command, started) =
+        command_effects(state, rule, &balance, &flight.command_id, flight.amount, now);
+    Some(vec![Effect::Command(command), Effect::Notify(started)])
 }
 
 fn remind_if_due(

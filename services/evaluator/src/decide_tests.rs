@@ -329,3 +329,30 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn the_record_that_issued_a_top_up_read_again_issues_the_same_command_and_nothing_else_does() {
+    let (mut state, effects) = run(vec![rule_event(&wire_rule(wire::RuleState::Active))]);
+    assert!(commands(&effects).is_empty());
+    let low = balance(800, 2);
+    let (mut after, effects) =
+        decide(state.clone(), low.clone(), "t/0/7", NOW, &Settings::default()).unwrap();
+    let issued = commands(&effects)[0].clone();
+    let at = InputRecord { topic: topup_proto::topics::BALANCE, offset: 7 };
+    // The processor marks the record that issued it.
+    if let Some(flight) = after.in_flight.as_mut() {
+        flight.issued_by = Some(at);
+    }
+    let again = reissue(&after, at, &low, NOW).expect("the issuing record reissues");
+    let again = commands(&again);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].command_id, issued.command_id);
+    assert_eq!(again[0].idempotency_key, issued.idempotency_key);
+    assert_eq!(again[0].amount, issued.amount);
+    // The carrier sending the same balance again is another record: nothing is reissued.
+    assert!(reissue(&after, InputRecord { offset: 8, ..at }, &low, NOW).is_none());
+    assert!(reissue(&after, InputRecord { topic: "topup.rules.v1", ..at }, &low, NOW).is_none());
+    // Nothing in flight, nothing to reissue.
+    state.in_flight = None;
+    assert!(reissue(&state, at, &low, NOW).is_none());
+}

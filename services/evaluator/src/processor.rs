@@ -9,7 +9,7 @@ use topup_proto::evaluator::v1 as changelog;
 use topup_proto::v1::{self as wire, BalanceUpdated, RuleUpdated, TopUpResult};
 use topup_proto::{topics, Message};
 
-use crate::decide::{decide, Effect, Event, Settings, SubscriberState};
+use crate::decide::{decide, reissue, Effect, Event, InputRecord, Settings, SubscriberState};
 use crate::metrics::{self, count};
 
 /// The evaluator's Kafka-facing half; the decision itself is in [`crate::decide`].
@@ -120,6 +120,46 @@ fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
     }
 }
 
+/// Where `input` is, when it is one of the evaluator's inputs.
+fn input_record(input: &Input) -> Option<InputRecord> {
+    let topic = [topics::BALANCE, topics::RULES, topics::RESULTS]
+        .into_iter()
+        .find(|t| *t == input.topic)?;
+    Some(InputRecord { topic, offset: input.offset })
+}
+
+/// Turns effects into output records.
+fn emit(effects: Vec<Effect>, subscriber: &SubscriberId, out: &mut Vec<Output>) {
+    for effect in effects {
+        match effect {
+            Effect::Command(command) => {
+                count(&metrics::COMMANDS_ISSUED);
+                let exported = metrics::exported();
+                exported.topups_issued.inc();
+                if let Some(seconds) = topup_kafka::ops::seconds_since(command.observed_at.as_ref())
+                {
+                    exported.command_latency.observe(seconds);
+                }
+                tracing::info!(
+                    subscriber = %subscriber,
+                    command_id = %command.command_id,
+                    amount = %command.amount.as_ref().and_then(|m| Money::try_from(m).ok()).map(|m| m.to_string()).unwrap_or_default(),
+                    "balance below threshold: top-up issued"
+                );
+                out.push(Output::message(topics::COMMANDS, subscriber.as_str(), &command));
+            }
+            Effect::Notify(notification) => {
+                count(&metrics::NOTIFICATIONS_ISSUED);
+                out.push(Output::message(
+                    topics::NOTIFICATIONS,
+                    subscriber.as_str(),
+                    &notification,
+                ));
+            }
+        }
+    }
+}
+
 impl Processor for Evaluator {
     async fn assigned(&mut self, partitions: &BTreeSet<i32>) -> topup_kafka::Result<()> {
         self.store.restore(partitions).await
@@ -136,42 +176,26 @@ impl Processor for Evaluator {
             .remove(subscriber.as_str())
             .unwrap_or_else(|| SubscriberState::new(subscriber.clone()));
         let origin = format!("{}/{}/{}", input.topic, input.partition, input.offset);
+        let record = input_record(input);
+        if let Some(effects) = record.and_then(|r| reissue(&before, r, &event, input.time())) {
+            tracing::warn!(
+                subscriber = %subscriber,
+                offset = input.offset,
+                "the record that issued the top-up in flight was read again: command issued again under the same id"
+            );
+            emit(effects, &subscriber, out);
+            self.store.partition_mut(input.partition).insert(subscriber.to_string(), before);
+            return Ok(());
+        }
         let kept = before.clone();
         match decide(before, event, &origin, input.time(), &self.settings) {
-            Ok((after, effects)) => {
-                for effect in effects {
-                    match effect {
-                        Effect::Command(command) => {
-                            count(&metrics::COMMANDS_ISSUED);
-                            let exported = metrics::exported();
-                            exported.topups_issued.inc();
-                            if let Some(seconds) =
-                                topup_kafka::ops::seconds_since(command.observed_at.as_ref())
-                            {
-                                exported.command_latency.observe(seconds);
-                            }
-                            tracing::info!(
-                                subscriber = %subscriber,
-                                command_id = %command.command_id,
-                                amount = %command.amount.as_ref().and_then(|m| Money::try_from(m).ok()).map(|m| m.to_string()).unwrap_or_default(),
-                                "balance below threshold: top-up issued"
-                            );
-                            out.push(Output::message(
-                                topics::COMMANDS,
-                                subscriber.as_str(),
-                                &command,
-                            ));
-                        }
-                        Effect::Notify(notification) => {
-                            count(&metrics::NOTIFICATIONS_ISSUED);
-                            out.push(Output::message(
-                                topics::NOTIFICATIONS,
-                                subscriber.as_str(),
-                                &notification,
-                            ));
-                        }
+            Ok((mut after, effects)) => {
+                if effects.iter().any(|e| matches!(e, Effect::Command(_))) {
+                    if let Some(flight) = after.in_flight.as_mut() {
+                        flight.issued_by = record;
                     }
                 }
+                emit(effects, &subscriber, out);
                 if after.differs_from(&kept) {
                     out.push(self.store.record_bytes(
                         input.partition,

@@ -3,7 +3,27 @@ use topup_domain::{Money, Rule, SubscriberId, ValidationError};
 use topup_proto::evaluator::v1 as changelog;
 use topup_proto::Message;
 
-use crate::decide::{CapCounters, InFlight, LastBalance, SubscriberState};
+use crate::decide::{CapCounters, InFlight, InputRecord, LastBalance, SubscriberState};
+use changelog::InputTopic;
+use topup_proto::topics;
+
+fn input_topic(topic: &str) -> InputTopic {
+    match topic {
+        topics::BALANCE => InputTopic::Balance,
+        topics::RULES => InputTopic::Rules,
+        topics::RESULTS => InputTopic::Results,
+        _ => InputTopic::Unspecified,
+    }
+}
+
+fn topic_of(tag: i32) -> Option<&'static str> {
+    match InputTopic::try_from(tag).ok()? {
+        InputTopic::Balance => Some(topics::BALANCE),
+        InputTopic::Rules => Some(topics::RULES),
+        InputTopic::Results => Some(topics::RESULTS),
+        InputTopic::Unspecified => None,
+    }
+}
 
 impl SubscriberState {
     /// The changelog record of this state.
@@ -63,6 +83,8 @@ impl SubscriberState {
                 cause_sequence: f.cause_sequence,
                 issued_day: f.issued_day,
                 issued_month: f.issued_month,
+                cause_topic: f.issued_by.map_or(0, |r| input_topic(r.topic) as i32),
+                cause_offset: f.issued_by.map_or(0, |r| r.offset),
             }),
             armed: self.armed,
             reminder_armed: self.reminder_armed,
@@ -110,6 +132,8 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
                 cause_sequence: f.cause_sequence,
                 issued_day: f.issued_day,
                 issued_month: f.issued_month,
+                issued_by: topic_of(f.cause_topic)
+                    .map(|topic| InputRecord { topic, offset: f.cause_offset }),
             }),
             None => None,
         };
