@@ -1,6 +1,7 @@
 //! Test harness: the platform on a fresh mock cluster, publishing helpers, and readers that
 //! wait for records with a deadline (never a sleep).
 pub mod gateway_server;
+pub mod otlp_sink;
 pub mod smtp_sink;
 pub mod webhook_server;
 

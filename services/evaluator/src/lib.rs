@@ -70,8 +70,11 @@ pub async fn main_from_args() -> anyhow::Result<()> {
         config: Config,
     }
     let cli = <Cli as clap::Parser>::parse();
-    let shutdown = topup_kafka::start_service(&cli.config.ops);
-    run(cli.config, shutdown).await?;
+    let shutdown = topup_kafka::start_service(&cli.config.ops, "topup-evaluator")
+        .map_err(anyhow::Error::msg)?;
+    let ran = run(cli.config, shutdown).await;
+    topup_kafka::finish_service().await;
+    ran?;
     Ok(())
 }
 

@@ -14,33 +14,24 @@ pub(crate) fn count(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Metrics served on `/metrics`.
+/// Metrics served on `/metrics` and exported over OTLP.
 pub(crate) struct Exported {
     /// `topup_topups_issued_total`.
-    pub(crate) topups_issued: prometheus_client::metrics::counter::Counter,
+    pub(crate) topups_issued: topup_kafka::ops::LabeledCounter,
     /// `topup_command_latency_seconds`: balance observed → command issued.
-    pub(crate) command_latency: prometheus_client::metrics::histogram::Histogram,
+    pub(crate) command_latency: topup_kafka::ops::LatencyHistogram,
 }
 
 pub(crate) fn exported() -> &'static Exported {
     static EXPORTED: std::sync::OnceLock<Exported> = std::sync::OnceLock::new();
-    EXPORTED.get_or_init(|| {
-        let exported = Exported {
-            topups_issued: Default::default(),
-            command_latency: prometheus_client::metrics::histogram::Histogram::new(
-                topup_kafka::ops::latency_buckets(),
-            ),
-        };
-        topup_kafka::ops::register(
+    EXPORTED.get_or_init(|| Exported {
+        topups_issued: topup_kafka::ops::LabeledCounter::new(
             "topups_issued",
             "Top-up commands issued",
-            exported.topups_issued.clone(),
-        );
-        topup_kafka::ops::register(
+        ),
+        command_latency: topup_kafka::ops::LatencyHistogram::new(
             "command_latency_seconds",
             "From the balance's observed_at to the top-up command",
-            exported.command_latency.clone(),
-        );
-        exported
+        ),
     })
 }

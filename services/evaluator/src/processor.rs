@@ -135,7 +135,7 @@ fn emit(effects: Vec<Effect>, subscriber: &SubscriberId, out: &mut Vec<Output>) 
             Effect::Command(command) => {
                 count(&metrics::COMMANDS_ISSUED);
                 let exported = metrics::exported();
-                exported.topups_issued.inc();
+                exported.topups_issued.inc(&[]);
                 if let Some(seconds) = topup_kafka::ops::seconds_since(command.observed_at.as_ref())
                 {
                     exported.command_latency.observe(seconds);

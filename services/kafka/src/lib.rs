@@ -10,6 +10,7 @@ mod record;
 mod restore;
 mod runtime;
 mod store;
+pub mod telemetry;
 mod topics;
 
 pub use config::KafkaArgs;
@@ -18,6 +19,6 @@ pub use ops::{health, pipeline_metrics, registry, spawn_ops, OpsArgs};
 pub use pipeline::{run_pipeline, PipelineSpec, Processor, Refusal};
 pub use record::{dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output};
 pub use restore::read_partition_to_end;
-pub use runtime::{init_logging, instance_id, shutdown_on_signal, start_service};
+pub use runtime::{finish_service, init_logging, instance_id, shutdown_on_signal, start_service};
 pub use store::{apply_whole, ApplyRecord, StateStore};
 pub use topics::{create_topics, create_topics_on_mock, TopicSpec, DEFAULT_PARTITIONS};

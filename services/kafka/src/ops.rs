@@ -9,10 +9,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
@@ -63,36 +63,111 @@ pub fn health() -> &'static Health {
     HEALTH.get_or_init(Health::default)
 }
 
-/// Labels of per-topic counters.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TopicLabels {
-    /// The service.
-    pub service: String,
-    /// The topic.
-    pub topic: String,
+/// Label names and values of one series.
+type Labels = Vec<(&'static str, String)>;
+
+fn otel_attributes(labels: &[(&'static str, &str)]) -> Vec<opentelemetry::KeyValue> {
+    labels.iter().map(|(k, v)| opentelemetry::KeyValue::new(*k, v.to_string())).collect()
 }
 
-/// Labels of per-partition gauges.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PartitionLabels {
-    /// The service.
-    pub service: String,
-    /// The topic.
-    pub topic: String,
-    /// The partition.
-    pub partition: String,
+fn owned(labels: &[(&'static str, &str)]) -> Labels {
+    labels.iter().map(|(k, v)| (*k, v.to_string())).collect()
+}
+
+/// A counter with labels: served on `/metrics` as `topup_<name>_total` and, when OTLP
+/// export is on, recorded on the OpenTelemetry meter as `topup_<name>`.
+pub struct LabeledCounter {
+    prometheus: Family<Labels, Counter>,
+    otel: opentelemetry::metrics::Counter<u64>,
+}
+
+impl LabeledCounter {
+    /// Registers `topup_<name>`.
+    pub fn new(name: &'static str, help: &'static str) -> Self {
+        let prometheus = Family::<Labels, Counter>::default();
+        register(name, help, prometheus.clone());
+        let otel = crate::telemetry::meter()
+            .u64_counter(format!("topup_{name}"))
+            .with_description(help)
+            .build();
+        Self { prometheus, otel }
+    }
+
+    /// Adds one to the series of `labels`.
+    pub fn inc(&self, labels: &[(&'static str, &str)]) {
+        self.prometheus.get_or_create(&owned(labels)).inc();
+        if crate::telemetry::metrics_enabled() {
+            self.otel.add(1, &otel_attributes(labels));
+        }
+    }
+}
+
+/// A gauge with labels (`/metrics` and OTLP, as [`LabeledCounter`]).
+pub struct LabeledGauge {
+    prometheus: Family<Labels, Gauge>,
+    otel: opentelemetry::metrics::Gauge<i64>,
+}
+
+impl LabeledGauge {
+    /// Registers `topup_<name>`.
+    pub fn new(name: &'static str, help: &'static str) -> Self {
+        let prometheus = Family::<Labels, Gauge>::default();
+        register(name, help, prometheus.clone());
+        let otel = crate::telemetry::meter()
+            .i64_gauge(format!("topup_{name}"))
+            .with_description(help)
+            .build();
+        Self { prometheus, otel }
+    }
+
+    /// Sets the series of `labels` to `value`.
+    pub fn set(&self, labels: &[(&'static str, &str)], value: i64) {
+        self.prometheus.get_or_create(&owned(labels)).set(value);
+        if crate::telemetry::metrics_enabled() {
+            self.otel.record(value, &otel_attributes(labels));
+        }
+    }
+}
+
+/// A latency histogram in seconds, 5 ms to about 80 s (`/metrics` and OTLP, unit `s`).
+pub struct LatencyHistogram {
+    prometheus: Histogram,
+    otel: opentelemetry::metrics::Histogram<f64>,
+}
+
+impl LatencyHistogram {
+    /// Registers `topup_<name>` (a name ending in `_seconds`).
+    pub fn new(name: &'static str, help: &'static str) -> Self {
+        let prometheus = Histogram::new(latency_buckets());
+        register(name, help, prometheus.clone());
+        let otel = crate::telemetry::meter()
+            .f64_histogram(format!("topup_{name}"))
+            .with_description(help)
+            .with_unit("s")
+            .with_boundaries(latency_buckets().collect())
+            .build();
+        Self { prometheus, otel }
+    }
+
+    /// Records one latency.
+    pub fn observe(&self, seconds: f64) {
+        self.prometheus.observe(seconds);
+        if crate::telemetry::metrics_enabled() {
+            self.otel.record(seconds, &[]);
+        }
+    }
 }
 
 /// The metrics every pipeline keeps. Services register their own in [`registry`].
 pub struct PipelineMetrics {
     /// `topup_records_consumed_total{service,topic}`.
-    pub consumed: Family<TopicLabels, Counter>,
+    pub consumed: LabeledCounter,
     /// `topup_records_produced_total{service,topic}`.
-    pub produced: Family<TopicLabels, Counter>,
+    pub produced: LabeledCounter,
     /// `topup_dead_letters_total{service,topic}` (topic = where the record came from).
-    pub dead_letters: Family<TopicLabels, Counter>,
+    pub dead_letters: LabeledCounter,
     /// `topup_consumer_lag_records{service,topic,partition}`.
-    pub lag: Family<PartitionLabels, Gauge>,
+    pub lag: LabeledGauge,
 }
 
 /// The process's metric registry (namespace `topup`).
@@ -104,35 +179,14 @@ pub fn registry() -> &'static Mutex<Registry> {
 /// The pipelines' metrics, registered on first use.
 pub fn pipeline_metrics() -> &'static PipelineMetrics {
     static METRICS: OnceLock<PipelineMetrics> = OnceLock::new();
-    METRICS.get_or_init(|| {
-        let metrics = PipelineMetrics {
-            consumed: Family::default(),
-            produced: Family::default(),
-            dead_letters: Family::default(),
-            lag: Family::default(),
-        };
-        let mut registry = registry().lock().unwrap_or_else(PoisonError::into_inner);
-        registry.register(
-            "records_consumed",
-            "Records consumed, per topic",
-            metrics.consumed.clone(),
-        );
-        registry.register(
-            "records_produced",
-            "Records produced, per topic",
-            metrics.produced.clone(),
-        );
-        registry.register(
+    METRICS.get_or_init(|| PipelineMetrics {
+        consumed: LabeledCounter::new("records_consumed", "Records consumed, per topic"),
+        produced: LabeledCounter::new("records_produced", "Records produced, per topic"),
+        dead_letters: LabeledCounter::new(
             "dead_letters",
             "Records sent to the dead-letter topic, per source topic",
-            metrics.dead_letters.clone(),
-        );
-        registry.register(
-            "consumer_lag_records",
-            "Records not yet consumed, per partition",
-            metrics.lag.clone(),
-        );
-        metrics
+        ),
+        lag: LabeledGauge::new("consumer_lag_records", "Records not yet consumed, per partition"),
     })
 }
 

@@ -144,12 +144,10 @@ impl ClientContext for RebalanceLog {
                 if *partition < 0 || p.consumer_lag < 0 {
                     continue;
                 }
-                let labels = crate::ops::PartitionLabels {
-                    service: self.service.to_string(),
-                    topic: topic.clone(),
-                    partition: partition.to_string(),
-                };
-                lag.get_or_create(&labels).set(p.consumer_lag);
+                let partition = partition.to_string();
+                let labels =
+                    [("service", self.service), ("topic", topic), ("partition", &partition)];
+                lag.set(&labels, p.consumer_lag);
             }
         }
     }
@@ -366,6 +364,8 @@ async fn process_batch<P: Processor>(
     // The transaction opens only once the batch is processed: a processor that waits on a
     // gateway must not hold it open (the broker aborts transactions older than
     // transaction.timeout.ms).
+    let spans: Vec<_> =
+        batch.iter().map(|input| crate::telemetry::process_span(&spec.group_id, input)).collect();
     let answers = processor.process_batch(batch).await;
     if answers.len() != batch.len() {
         // Committing past an unanswered record would lose it.
@@ -379,14 +379,11 @@ async fn process_batch<P: Processor>(
     producer.begin_transaction()?;
     let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     let metrics = crate::ops::pipeline_metrics();
-    let labels = |topic: &str| crate::ops::TopicLabels {
-        service: spec.service.to_string(),
-        topic: topic.to_string(),
-    };
-    for (input, answer) in batch.iter().zip(answers) {
-        metrics.consumed.get_or_create(&labels(&input.topic)).inc();
-        let out = answer.unwrap_or_else(|Refusal(reason)| {
-            metrics.dead_letters.get_or_create(&labels(&input.topic)).inc();
+    for ((input, answer), cx) in batch.iter().zip(answers).zip(&spans) {
+        metrics.consumed.inc(&[("service", spec.service), ("topic", &input.topic)]);
+        let mut out = answer.unwrap_or_else(|Refusal(reason)| {
+            crate::telemetry::refused(cx, &reason);
+            metrics.dead_letters.inc(&[("service", spec.service), ("topic", &input.topic)]);
             tracing::warn!(
                 service = spec.service,
                 topic = %input.topic,
@@ -397,10 +394,14 @@ async fn process_batch<P: Processor>(
             );
             vec![dead_letter(input, spec.service, &reason)]
         });
-        for output in &out {
-            send(producer, output).await?;
-            metrics.produced.get_or_create(&labels(output.topic)).inc();
+        for output in &mut out {
+            let sending = crate::telemetry::send_span(cx, output);
+            let sent = send(producer, output).await;
+            crate::telemetry::end(&sending);
+            sent?;
+            metrics.produced.inc(&[("service", spec.service), ("topic", output.topic)]);
         }
+        crate::telemetry::end(cx);
         offsets.insert((input.topic.as_str(), input.partition), input.offset + 1);
     }
     let mut list = TopicPartitionList::new();

@@ -67,11 +67,20 @@ pub fn instance_id(service: &str) -> String {
     format!("{service}-{host}-{}", std::process::id())
 }
 
-/// What every service binary does before its work: logging, the shutdown signal, and the
-/// health and metrics endpoints when `ops` asks for them. Returns the shutdown token.
-pub fn start_service(ops: &crate::OpsArgs) -> CancellationToken {
+/// What every service binary does before its work: logging, OpenTelemetry export when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set (`service` is its `service.name`), the shutdown
+/// signal, and the health and metrics endpoints when `ops` asks for them. Returns the
+/// shutdown token; an unusable telemetry setting is an error naming the variable.
+pub fn start_service(ops: &crate::OpsArgs, service: &str) -> Result<CancellationToken, String> {
     init_logging();
+    crate::telemetry::init(service)?;
     let shutdown = shutdown_on_signal();
     crate::spawn_ops(ops, &shutdown);
-    shutdown
+    Ok(shutdown)
+}
+
+/// What every service binary does after its work: sends the spans and metrics still
+/// buffered.
+pub async fn finish_service() {
+    let _ = tokio::task::spawn_blocking(crate::telemetry::shutdown).await;
 }

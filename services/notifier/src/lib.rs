@@ -230,10 +230,13 @@ pub async fn main_from_args() -> anyhow::Result<()> {
         config: Config,
     }
     let cli = <Cli as clap::Parser>::parse();
-    let shutdown = topup_kafka::start_service(&cli.config.ops);
+    let shutdown = topup_kafka::start_service(&cli.config.ops, "topup-notifier")
+        .map_err(anyhow::Error::msg)?;
     let channels = cli.config.channels()?;
     tracing::info!(channels = %channels.describe(), "notifier channels");
-    run(cli.config, channels, shutdown).await?;
+    let ran = run(cli.config, channels, shutdown).await;
+    topup_kafka::finish_service().await;
+    ran?;
     Ok(())
 }
 

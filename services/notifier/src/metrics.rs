@@ -19,38 +19,25 @@ pub(crate) fn count(counter: &AtomicU64) {
 }
 
 /// Labels of delivery receipts.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub(crate) struct Deliveries {
-    /// `email`, `sms`, `push`, `console`, or `none` (suppressed, held, undeliverable).
-    pub(crate) channel: String,
-    /// `delivered`, `failed`, `suppressed`, `deferred`, `undeliverable`.
-    pub(crate) status: String,
-}
-
-/// `topup_notification_deliveries_total{channel,status}`: one per receipt.
+/// Counts a receipt in `topup_notification_deliveries_total{channel,status}`: `channel` is
+/// `email`, `sms`, `push`, `console`, or `none` (suppressed, held, undeliverable); `status`
+/// is `delivered`, `failed`, `suppressed`, `deferred` or `undeliverable`.
 pub(crate) fn receipt(
     channel: topup_proto::v1::ChannelKind,
     status: topup_proto::v1::DeliveryStatus,
 ) {
-    static FAMILY: std::sync::OnceLock<
-        prometheus_client::metrics::family::Family<
-            Deliveries,
-            prometheus_client::metrics::counter::Counter,
-        >,
-    > = std::sync::OnceLock::new();
-    let family = FAMILY.get_or_init(|| {
-        let family = prometheus_client::metrics::family::Family::default();
-        topup_kafka::ops::register(
+    static COUNTER: std::sync::OnceLock<topup_kafka::ops::LabeledCounter> =
+        std::sync::OnceLock::new();
+    let counter = COUNTER.get_or_init(|| {
+        topup_kafka::ops::LabeledCounter::new(
             "notification_deliveries",
             "Delivery receipts, by channel and status",
-            family.clone(),
-        );
-        family
+        )
     });
     let channel = match channel {
         topup_proto::v1::ChannelKind::Unspecified => "none".to_string(),
         other => other.as_str_name().trim_start_matches("CHANNEL_KIND_").to_ascii_lowercase(),
     };
     let status = status.as_str_name().trim_start_matches("DELIVERY_STATUS_").to_ascii_lowercase();
-    family.get_or_create(&Deliveries { channel, status }).inc();
+    counter.inc(&[("channel", &channel), ("status", &status)]);
 }

@@ -194,9 +194,12 @@ pub async fn main_from_args() -> anyhow::Result<()> {
         config: Config,
     }
     let cli = <Cli as clap::Parser>::parse();
-    let shutdown = topup_kafka::start_service(&cli.config.ops);
+    let shutdown = topup_kafka::start_service(&cli.config.ops, "topup-payment-worker")
+        .map_err(anyhow::Error::msg)?;
     let gateway = cli.config.gateway()?;
-    run(cli.config, gateway, shutdown).await?;
+    let ran = run(cli.config, gateway, shutdown).await;
+    topup_kafka::finish_service().await;
+    ran?;
     Ok(())
 }
 

@@ -17,59 +17,38 @@ pub(crate) fn count(counter: &AtomicU64) {
 }
 
 /// Labels of completed top-ups.
-#[derive(Debug, Clone, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-pub(crate) struct Completed {
-    /// `succeeded` or `failed`.
-    pub(crate) status: &'static str,
-    /// The failure reason code, `none` when it succeeded.
-    pub(crate) reason: &'static str,
-}
-
-/// Metrics served on `/metrics`.
+/// Metrics served on `/metrics` and exported over OTLP.
 pub(crate) struct Exported {
-    /// `topup_topups_completed_total{status,reason}`.
-    pub(crate) completed: prometheus_client::metrics::family::Family<
-        Completed,
-        prometheus_client::metrics::counter::Counter,
-    >,
+    /// `topup_topups_completed_total{status,reason}`: `status` is `succeeded` or `failed`,
+    /// `reason` the failure reason code (`none` when it succeeded).
+    pub(crate) completed: topup_kafka::ops::LabeledCounter,
     /// `topup_result_latency_seconds`: balance observed → top-up result.
-    pub(crate) result_latency: prometheus_client::metrics::histogram::Histogram,
+    pub(crate) result_latency: topup_kafka::ops::LatencyHistogram,
 }
 
 pub(crate) fn exported() -> &'static Exported {
     static EXPORTED: std::sync::OnceLock<Exported> = std::sync::OnceLock::new();
-    EXPORTED.get_or_init(|| {
-        let exported = Exported {
-            completed: Default::default(),
-            result_latency: prometheus_client::metrics::histogram::Histogram::new(
-                topup_kafka::ops::latency_buckets(),
-            ),
-        };
-        topup_kafka::ops::register(
+    EXPORTED.get_or_init(|| Exported {
+        completed: topup_kafka::ops::LabeledCounter::new(
             "topups_completed",
             "Top-ups answered, by status and reason",
-            exported.completed.clone(),
-        );
-        topup_kafka::ops::register(
+        ),
+        result_latency: topup_kafka::ops::LatencyHistogram::new(
             "result_latency_seconds",
             "From the balance's observed_at to the top-up result",
-            exported.result_latency.clone(),
-        );
-        exported
+        ),
     })
 }
 
-/// Counts a final result.
 pub(crate) fn completed(result: &topup_proto::v1::TopUpResult) {
     let succeeded = result.status == topup_proto::v1::TopUpStatus::Succeeded as i32;
     let reason = topup_proto::v1::FailureReason::try_from(result.failure_reason)
         .map_or("unknown", crate::worker::reason_code);
-    let labels = Completed {
-        status: if succeeded { "succeeded" } else { "failed" },
-        reason: if succeeded { "none" } else { reason },
-    };
     let exported = exported();
-    exported.completed.get_or_create(&labels).inc();
+    exported.completed.inc(&[
+        ("status", if succeeded { "succeeded" } else { "failed" }),
+        ("reason", if succeeded { "none" } else { reason }),
+    ]);
     if let Some(seconds) = topup_kafka::ops::seconds_since(result.observed_at.as_ref()) {
         exported.result_latency.observe(seconds);
     }

@@ -35,6 +35,7 @@ struct Cli {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     topup_kafka::init_logging();
+    topup_kafka::telemetry::init("topup").map_err(anyhow::Error::msg)?;
     let shutdown = topup_kafka::shutdown_on_signal();
 
     // The embedded cluster lives as long as `main`; it is dropped after the services stop.
@@ -99,6 +100,7 @@ async fn main() -> anyhow::Result<()> {
         simulator.abort();
     }
     println!("\n{}", Summary::now());
+    topup_kafka::finish_service().await;
     drop(embedded);
     Ok(())
 }
