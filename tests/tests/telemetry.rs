@@ -13,7 +13,9 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::Headers;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use topup_proto::topics;
-use topup_proto::v1::{DeliveryReceipt, DeliveryStatus, NotificationKind, RuleState};
+use topup_proto::v1::{
+    DeliveryReceipt, DeliveryStatus, NotificationCommand, NotificationKind, RuleState,
+};
 use topup_tests::otlp_sink::OtlpSink;
 use topup_tests::{rule, Platform, PARTITIONS, WAIT};
 
@@ -47,6 +49,12 @@ async fn one_trace_follows_a_top_up_through_all_three_services() -> anyhow::Resu
     let notifier = topup_notifier::Config::new(platform.kafka.clone()).group_id;
 
     platform.publish_rule(rule("sub-traced", "tok_approve_4242", RuleState::Active)).await?;
+    // The rule first: a rule that arrives after the low balance fires the top-up itself,
+    // in the rule record's trace (right, but not the journey this test follows).
+    platform
+        .reader::<NotificationCommand>(topics::NOTIFICATIONS)?
+        .wait_for("the rule activated", |n| n.kind == NotificationKind::RuleActivated as i32)
+        .await?;
     platform.publish_balance("sub-traced", 800, 1).await?;
     let mut receipts = platform.reader::<DeliveryReceipt>(topics::DELIVERIES)?;
     receipts
@@ -184,6 +192,10 @@ async fn a_service_exports_spans_and_metrics_over_otlp_when_told_where() -> anyh
         .context("starting the evaluator")?;
 
     platform.publish_rule(rule("sub-otlp", "tok_ok", RuleState::Active)).await?;
+    platform
+        .reader::<NotificationCommand>(topics::NOTIFICATIONS)?
+        .wait_for("the rule activated", |n| n.kind == NotificationKind::RuleActivated as i32)
+        .await?;
     platform.publish_balance("sub-otlp", 800, 1).await?;
     sink.wait_until("the evaluator's span for the balance and its metrics", |spans, points| {
         spans.iter().any(|s| {
