@@ -46,14 +46,16 @@ async fn a_service_says_when_it_is_alive_ready_and_what_it_did() -> anyhow::Resu
 
     platform.publish_rule(rule("sub-ops", "tok_ok", RuleState::Active)).await?;
     platform.publish_balance("sub-ops", 800, 1).await?;
+    platform.publish_raw(topics::BALANCE, "sub-ops", b"\xff\xff not protobuf").await?;
     platform.wait_caught_up("topup-evaluator", &[topics::BALANCE, topics::RULES]).await?;
     let (status, metrics) = get(&format!("{base}/metrics")).await?;
     assert_eq!(status, 200);
     for expected in [
-        r#"topup_records_consumed_total{service="topup-evaluator",topic="carrier.balance.v1"} 1"#,
+        r#"topup_records_consumed_total{service="topup-evaluator",topic="carrier.balance.v1"} 2"#,
         r#"topup_records_consumed_total{service="topup-evaluator",topic="topup.rules.v1"} 1"#,
         r#"topup_records_produced_total{service="topup-evaluator",topic="topup.commands.v1"} 1"#,
         "topup_topups_issued_total 1",
+        r#"topup_dead_letters_total{service="topup-evaluator",topic="carrier.balance.v1",reason="undecodable"} 1"#,
         "topup_command_latency_seconds_count 1",
     ] {
         assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");

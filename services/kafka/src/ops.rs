@@ -164,7 +164,8 @@ pub struct PipelineMetrics {
     pub consumed: LabeledCounter,
     /// `topup_records_produced_total{service,topic}`.
     pub produced: LabeledCounter,
-    /// `topup_dead_letters_total{service,topic}` (topic = where the record came from).
+    /// `topup_dead_letters_total{service,topic,reason}` (topic = where the record came from,
+    /// reason = [`crate::record::reason_class`]).
     pub dead_letters: LabeledCounter,
     /// `topup_consumer_lag_records{service,topic,partition}`.
     pub lag: LabeledGauge,

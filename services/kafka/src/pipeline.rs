@@ -383,7 +383,12 @@ async fn process_batch<P: Processor>(
         metrics.consumed.inc(&[("service", spec.service), ("topic", &input.topic)]);
         let mut out = answer.unwrap_or_else(|Refusal(reason)| {
             crate::telemetry::refused(cx, &reason);
-            metrics.dead_letters.inc(&[("service", spec.service), ("topic", &input.topic)]);
+            let class = crate::record::reason_class(&reason);
+            metrics.dead_letters.inc(&[
+                ("service", spec.service),
+                ("topic", &input.topic),
+                ("reason", &class),
+            ]);
             tracing::warn!(
                 service = spec.service,
                 topic = %input.topic,

@@ -136,6 +136,34 @@ pub fn decode<T: prost::Message + Default>(
     }
 }
 
+/// A refusal's reason as a metric label of bounded cardinality: `no_value`, `too_large`,
+/// `undecodable`, `wrong_key`, `invalid:<field path>` (list indexes dropped), or `other`.
+pub(crate) fn reason_class(reason: &str) -> String {
+    if reason.starts_with("record has no value") {
+        return "no_value".into();
+    }
+    if reason.starts_with("value is not a valid") {
+        return "undecodable".into();
+    }
+    if reason.starts_with("value is ") && reason.contains("larger than") {
+        return "too_large".into();
+    }
+    if reason.starts_with("record key") || reason.starts_with("record has no UTF-8 key") {
+        return "wrong_key".into();
+    }
+    if let Some((path, _)) = reason.split_once(": ") {
+        let path: String = path
+            .split('[')
+            .map(|part| part.split_once(']').map_or(part, |(_, rest)| rest))
+            .collect();
+        let field = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.';
+        if !path.is_empty() && path.len() <= 64 && path.chars().all(field) {
+            return format!("invalid:{path}");
+        }
+    }
+    "other".into()
+}
+
 /// The dead letter for `input`: its original bytes, where it came from, and why.
 pub fn dead_letter(input: &Input, service: &str, reason: &str) -> Output {
     let letter = DeadLetter {
@@ -176,4 +204,27 @@ pub fn system_time(timestamp: &Timestamp) -> SystemTime {
     let seconds = u64::try_from(timestamp.seconds).unwrap_or(0);
     let nanos = u32::try_from(timestamp.nanos).unwrap_or(0).min(999_999_999);
     UNIX_EPOCH + std::time::Duration::new(seconds, nanos)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reason_class;
+
+    #[test]
+    fn refusal_reasons_fall_into_few_classes() {
+        assert_eq!(reason_class("record has no value"), "no_value");
+        assert_eq!(reason_class("value is not a valid topup.v1.X: bad wire type"), "undecodable");
+        assert_eq!(reason_class("value is 2000000 bytes, larger than the 1 bytes"), "too_large");
+        assert_eq!(reason_class("record key \"a\" differs from subscriber_id \"b\""), "wrong_key");
+        assert_eq!(
+            reason_class("balance.currency: XYZ is not ISO 4217"),
+            "invalid:balance.currency"
+        );
+        assert_eq!(
+            reason_class("rule.payment_methods[3].token: is required"),
+            "invalid:rule.payment_methods.token"
+        );
+        assert_eq!(reason_class("the evaluator does not consume t"), "other");
+        assert_eq!(reason_class("Some Thing: with capitals"), "other");
+    }
 }
