@@ -2,6 +2,7 @@
 //! wait for records with a deadline (never a sleep).
 pub mod gateway_server;
 pub mod otlp_sink;
+pub mod postgres;
 pub mod smtp_sink;
 pub mod webhook_server;
 
@@ -328,6 +329,7 @@ pub fn rule(subscriber: &str, token: &str, state: RuleState) -> AutoTopUpRule {
         max_topups_per_day: 0,
         max_amount_per_month: None,
         carrier_id: "test-carrier".into(),
+        monthly: None,
     }
 }
 
@@ -408,6 +410,7 @@ pub fn command(subscriber: &str, id: &str, tokens: &[&str]) -> TopUpCommand {
         observed_at: Some(topup_kafka::now_timestamp()),
         issued_at: Some(topup_kafka::now_timestamp()),
         locale: "en".into(),
+        trigger: topup_proto::v1::TopUpTrigger::Threshold as i32,
         channels: vec![NotificationChannel {
             kind: ChannelKind::Email as i32,
             address: format!("{subscriber}@example.com"),

@@ -121,6 +121,33 @@ impl WebhookServer {
     }
 }
 
+impl WebhookServer {
+    /// Waits (at most [`WAIT`]) until `count` messages of `kind` were accepted for `to`, and
+    /// returns them in arrival order.
+    pub async fn wait_for_kind(
+        &self,
+        to: &str,
+        kind: &str,
+        count: usize,
+    ) -> anyhow::Result<Vec<Received>> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let arrived = self.shared.arrived.notified();
+            let found: Vec<Received> = self
+                .accepted()
+                .into_iter()
+                .filter(|r| r.body.to == to && r.body.kind == kind)
+                .collect();
+            if found.len() >= count {
+                return Ok(found);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                bail!("{} of {count} {kind} messages for {to} within {WAIT:?}", found.len());
+            }
+        }
+    }
+}
+
 fn header<'h>(headers: &'h HeaderMap, name: &str) -> &'h str {
     headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default()
 }

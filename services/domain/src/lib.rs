@@ -3,8 +3,11 @@
 //! dead-letter record. No I/O, no clock.
 
 mod balance;
+pub mod calendar;
+mod code;
 mod error;
 mod ids;
+mod limits;
 mod mask;
 mod money;
 mod outcome;
@@ -12,10 +15,12 @@ mod rule;
 mod signing;
 
 pub use balance::BalanceObservation;
+pub use code::{CodeError, CodeKey, SEALED_CODE_PARAMETER};
 pub use error::{Invalid, ValidationError};
 pub use ids::{command_id, idempotency_key, notification_id, SubscriberId};
+pub use limits::{CarrierLimits, ChargeRange, LimitsSyntax};
 pub use mask::{mask_contact, mask_token};
 pub use money::{Currency, Money};
 pub use outcome::TopUpOutcome;
-pub use rule::{Channel, PaymentMethod, Rule, RuleState, TopUpAmount};
+pub use rule::{Channel, MonthlyTopUp, PaymentMethod, Rule, RuleState, TopUpAmount, YearMonth};
 pub use signing::request_signature;

@@ -44,6 +44,72 @@ pub struct PaymentMethod {
     pub label: String,
     /// The only currency it charges in, when the gateway said so.
     pub currency: Option<Currency>,
+    /// The last month it can charge in, for kinds that expire (cards).
+    pub expires: Option<YearMonth>,
+}
+
+/// "Every month on day N, add X".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MonthlyTopUp {
+    /// 1 to 31; a shorter month uses its last day.
+    pub day_of_month: u32,
+    /// How much.
+    pub amount: Money,
+}
+
+impl MonthlyTopUp {
+    /// The UTC day (days since 1970-01-01) on which it is due in the month of `day`.
+    pub fn due_day_in_month_of(&self, day: i64) -> i64 {
+        let (year, month, _) = crate::calendar::civil_from_days(day);
+        let last = crate::calendar::days_in_month(year, month);
+        crate::calendar::days_from_civil(year, month, self.day_of_month.min(last))
+    }
+}
+
+/// A calendar month, as a card's expiry ("2028-09": valid through September 2028).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct YearMonth {
+    /// The year, 2000 to 2199.
+    pub year: i32,
+    /// The month, 1 to 12.
+    pub month: u32,
+}
+
+impl YearMonth {
+    /// Parses "YYYY-MM".
+    pub fn parse(raw: &str) -> Invalid<Self> {
+        let invalid = || ValidationError::new("", format!("{raw:?} is not a month as YYYY-MM"));
+        let (year, month) = raw.split_once('-').ok_or_else(invalid)?;
+        if year.len() != 4 || month.len() != 2 {
+            return Err(invalid());
+        }
+        let year: i32 = year.parse().map_err(|_| invalid())?;
+        let month: u32 = month.parse().map_err(|_| invalid())?;
+        if !(2000..=2199).contains(&year) || !(1..=12).contains(&month) {
+            return Err(invalid());
+        }
+        Ok(Self { year, month })
+    }
+
+    /// The month of UTC day `days` since 1970-01-01.
+    pub fn of_day(days: i64) -> Self {
+        let (year, month, _) = crate::calendar::civil_from_days(days);
+        Self { year: year as i32, month }
+    }
+
+    /// Days since 1970-01-01 of the first day after this month (when a card that expires
+    /// this month stops working).
+    pub fn end_day(&self) -> i64 {
+        let (year, month) =
+            if self.month == 12 { (self.year + 1, 1) } else { (self.year, self.month + 1) };
+        crate::calendar::days_from_civil(i64::from(year), month, 1)
+    }
+}
+
+impl std::fmt::Display for YearMonth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:04}-{:02}", self.year, self.month)
+    }
 }
 
 /// A notification channel with its contact.
@@ -78,6 +144,8 @@ pub struct Rule {
     pub max_amount_per_month: Option<Money>,
     /// The carrier the subscriber belongs to.
     pub carrier_id: String,
+    /// A top-up every month on a fixed day, besides the threshold.
+    pub monthly: Option<MonthlyTopUp>,
     /// The rule as received, for the changelog and for commands.
     pub wire: wire::AutoTopUpRule,
 }
@@ -163,7 +231,21 @@ fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMet
     } else {
         Some(Currency::parse(&raw.currency).map_err(|e| e.within(&field))?)
     };
-    Ok(PaymentMethod { token: raw.token.clone(), kind, label: raw.label.clone(), currency })
+    let expires = if raw.expires.is_empty() {
+        None
+    } else {
+        Some(YearMonth::parse(&raw.expires).map_err(|e| e.within(&format!("{field}.expires")))?)
+    };
+    if raw.label.len() > 64 {
+        return Err(ValidationError::new(format!("{field}.label"), "is longer than 64 bytes"));
+    }
+    Ok(PaymentMethod {
+        token: raw.token.clone(),
+        kind,
+        label: raw.label.clone(),
+        currency,
+        expires,
+    })
 }
 
 fn channel(index: usize, raw: &wire::NotificationChannel) -> Invalid<Channel> {
@@ -266,7 +348,32 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
         if raw.locale.len() > 35 {
             return Err(ValidationError::new("locale", "is not a BCP 47 language tag"));
         }
+        if raw.payment_methods.len() > 5 {
+            return Err(ValidationError::new("payment_methods", "at most 5 are accepted"));
+        }
+        if raw.channels.len() > 5 {
+            return Err(ValidationError::new("channels", "at most 5 are accepted"));
+        }
+        let monthly = match raw.monthly.as_ref() {
+            None => None,
+            Some(m) => {
+                if !(1..=31).contains(&m.day_of_month) {
+                    return Err(ValidationError::new(
+                        "monthly.day_of_month",
+                        format!("{} is not a day of the month (1 to 31)", m.day_of_month),
+                    ));
+                }
+                let amount = required_money(m.amount.as_ref(), "monthly.amount")?;
+                let amount = same_currency(
+                    positive(amount, "monthly.amount")?,
+                    threshold,
+                    "monthly.amount",
+                )?;
+                Some(MonthlyTopUp { day_of_month: m.day_of_month, amount })
+            }
+        };
         Ok(Rule {
+            monthly,
             subscriber,
             state,
             threshold,

@@ -13,7 +13,7 @@ use topup_domain::{
     command_id, idempotency_key, notification_id, BalanceObservation, Money, Rule, RuleState,
     SubscriberId, TopUpOutcome,
 };
-use topup_proto::v1::{NotificationCommand, NotificationKind, TopUpCommand};
+use topup_proto::v1::{NotificationCommand, NotificationKind, TopUpCommand, TopUpTrigger};
 use topup_proto::Timestamp;
 
 /// What the evaluator remembers of one subscriber.
@@ -142,24 +142,11 @@ impl Default for Settings {
     }
 }
 
-/// Days since 1970-01-01 → (year, month 1..=12). Howard Hinnant's civil-from-days.
-fn civil_month(days: i64) -> (i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month)
-}
-
 /// The UTC day and month index of `now`.
 fn windows(now: &Timestamp) -> (i64, i64) {
     let day = now.seconds.div_euclid(86_400);
-    let (year, month) = civil_month(day);
-    (day, year * 12 + month - 1)
+    let (year, month, _) = topup_domain::calendar::civil_from_days(day);
+    (day, year * 12 + i64::from(month) - 1)
 }
 
 /// Applies `event` to `state`. `origin` identifies the event (topic/partition/offset)
@@ -338,6 +325,7 @@ fn command_effects(
         issued_at: Some(now),
         locale: rule.locale.clone(),
         channels: rule.wire.channels.clone(),
+        trigger: TopUpTrigger::Threshold as i32,
     };
     let mut started = notify(state, rule, NotificationKind::TopUpStarted, id, now);
     started.command_id = id.to_string();

@@ -19,6 +19,9 @@ pub enum Error {
     /// A processor could not rebuild its state.
     #[error("restoring state: {0}")]
     Restore(String),
+    /// The service's settings cannot work; the message says which one and why.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 /// Result with this crate's error.

@@ -16,6 +16,7 @@ use std::time::Duration;
 use anyhow::Context;
 use secrecy::SecretString;
 use tokio_util::sync::CancellationToken;
+use topup_domain::CodeKey;
 use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
 use topup_proto::topics;
 
@@ -119,6 +120,19 @@ pub struct Config {
     /// How long notification ids are remembered to drop replays, in hours.
     #[arg(long, env = "DEDUP_WINDOW_HOURS", default_value_t = 72)]
     pub dedup_window_hours: u64,
+
+    /// Key shared with topup-api to open confirmation codes (64 hex digits); without it,
+    /// confirmation-code notifications go to the DLQ.
+    #[arg(long, env = "CONFIRMATION_CODE_KEY", hide_env_values = true, value_parser = parse_code_key)]
+    pub confirmation_code_key: Option<CodeKey>,
+
+    /// File holding CONFIRMATION_CODE_KEY (a mounted secret).
+    #[arg(long, env = "CONFIRMATION_CODE_KEY_FILE")]
+    pub confirmation_code_key_file: Option<PathBuf>,
+}
+
+fn parse_code_key(raw: &str) -> Result<CodeKey, String> {
+    CodeKey::from_hex(raw).map_err(|e| e.to_string())
 }
 
 const DEFAULT_RATE_LIMITS: &str =
@@ -155,6 +169,22 @@ impl Config {
             delivery_initial_backoff_ms: 1_000,
             delivery_max_backoff_ms: 60_000,
             dedup_window_hours: 72,
+            confirmation_code_key: None,
+            confirmation_code_key_file: None,
+        }
+    }
+
+    /// The confirmation-code key, from the value or the file.
+    pub fn code_key(&self) -> anyhow::Result<Option<CodeKey>> {
+        match (&self.confirmation_code_key, &self.confirmation_code_key_file) {
+            (Some(key), _) => Ok(Some(key.clone())),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("CONFIRMATION_CODE_KEY_FILE {}: {e}", path.display())
+                })?;
+                Ok(Some(CodeKey::from_hex(&text)?))
+            }
+            (None, None) => Ok(None),
         }
     }
 
@@ -261,6 +291,11 @@ pub async fn run<C: Channel + Clone>(
         kafka: config.kafka.clone(),
     };
     let kafka = config.kafka.clone();
-    run_pipeline(spec, || Notifier::new(channel.clone(), policy.clone(), kafka.clone()), shutdown)
-        .await
+    let key = config.code_key().map_err(|e| topup_kafka::Error::Config(format!("{e:#}")))?;
+    run_pipeline(
+        spec,
+        || Notifier::new(channel.clone(), policy.clone(), kafka.clone()).with_code_key(key.clone()),
+        shutdown,
+    )
+    .await
 }

@@ -11,7 +11,7 @@
 use std::collections::BTreeSet;
 use std::time::SystemTime;
 
-use topup_domain::{mask_contact, SubscriberId};
+use topup_domain::{mask_contact, CodeKey, SubscriberId};
 use topup_kafka::{
     apply_whole, decode, system_time, timestamp_of, Input, KafkaArgs, Output, Processor, Refusal,
     StateStore,
@@ -34,6 +34,30 @@ pub struct Notifier<C> {
     store: StateStore<SubscriberDeliveries>,
     /// Earliest due time of anything pending; `None` when nothing is.
     next_due: Option<SystemTime>,
+    /// Opens the sealed codes of confirmation-code notifications.
+    code_key: Option<CodeKey>,
+}
+
+use topup_domain::SEALED_CODE_PARAMETER as SEALED_CODE;
+
+/// The notification as the templates see it: a sealed confirmation code opened into "code".
+/// Never stored or logged; the sealed form is what the state and records keep.
+fn opened(n: &NotificationCommand, key: Option<&CodeKey>) -> Result<NotificationCommand, Refusal> {
+    let Some(sealed) = n.parameters.get(SEALED_CODE) else {
+        return Ok(n.clone());
+    };
+    let key = key.ok_or_else(|| {
+        Refusal::new(
+            "parameters.code_sealed: CONFIRMATION_CODE_KEY is not set, so the code cannot be opened",
+        )
+    })?;
+    let code = key
+        .open(&n.subscriber_id, sealed)
+        .map_err(|e| Refusal::new(format!("parameters.code_sealed: {e}")))?;
+    let mut open = n.clone();
+    open.parameters.remove(SEALED_CODE);
+    open.parameters.insert("code".into(), code);
+    Ok(open)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -85,7 +109,7 @@ fn all_channels(n: &NotificationCommand, due: SystemTime) -> Pending {
     }
 }
 
-fn validate(input: &Input) -> Result<NotificationCommand, Refusal> {
+fn validate(input: &Input, key: Option<&CodeKey>) -> Result<NotificationCommand, Refusal> {
     let n: NotificationCommand = decode(input, |n: &NotificationCommand| &n.subscriber_id)?;
     SubscriberId::parse(&n.subscriber_id)?;
     if n.notification_id.is_empty() {
@@ -95,7 +119,14 @@ fn validate(input: &Input) -> Result<NotificationCommand, Refusal> {
         Ok(NotificationKind::Unspecified) | Err(_) => {
             Err(Refusal::new(format!("kind: {} is not a known notification kind", n.kind)))
         }
-        Ok(_) => Ok(n),
+        Ok(NotificationKind::ConfirmationCode) if !n.parameters.contains_key(SEALED_CODE) => {
+            Err(Refusal::new("parameters.code_sealed: a confirmation code is required"))
+        }
+        Ok(_) => {
+            // A code that cannot be opened is refused now, not at each delivery attempt.
+            opened(&n, key)?;
+            Ok(n)
+        }
     }
 }
 
@@ -107,7 +138,14 @@ impl<C: Channel> Notifier<C> {
             policy,
             store: StateStore::new(kafka, topics::NOTIFIER_STATE, apply_whole),
             next_due: None,
+            code_key: None,
         }
+    }
+
+    /// Opens confirmation codes with `key` (without one, they are refused to the DLQ).
+    pub fn with_code_key(mut self, key: Option<CodeKey>) -> Self {
+        self.code_key = key;
+        self
     }
 
     /// One attempt on each channel still to deliver; a receipt per attempt. Returns what is
@@ -120,7 +158,14 @@ impl<C: Channel> Notifier<C> {
         out: &mut Vec<Output>,
     ) -> Option<Pending> {
         let n = pending.notification?;
-        let rendered = render(&n);
+        let rendered = match opened(&n, self.code_key.as_ref()) {
+            Ok(open) => render(&open),
+            Err(refusal) => {
+                // Checked when it arrived; a key changed since then is the only way here.
+                tracing::error!(notification_id = %n.notification_id, reason = %refusal.0, "cannot render");
+                return None;
+            }
+        };
         let mut left = Pending {
             notification: None,
             channels: Vec::new(),
@@ -238,7 +283,8 @@ impl<C: Channel> Processor for Notifier<C> {
     }
 
     async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
-        let n = validate(input).inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        let n = validate(input, self.code_key.as_ref())
+            .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
         // The record's time, so that a replay decides the same way.
         let now = system_time(&input.time());
         let states = self.store.partition_mut(input.partition);

@@ -23,6 +23,16 @@ macro_rules! locale {
             )),
             cap_reached: include_str!(concat!("../templates/", $dir, "/cap_reached.txt")),
             rule_activated: include_str!(concat!("../templates/", $dir, "/rule_activated.txt")),
+            confirmation_code: include_str!(concat!(
+                "../templates/",
+                $dir,
+                "/confirmation_code.txt"
+            )),
+            payment_method_expiring: include_str!(concat!(
+                "../templates/",
+                $dir,
+                "/payment_method_expiring.txt"
+            )),
             reasons: include_str!(concat!("../templates/", $dir, "/reasons.txt")),
             subjects: include_str!(concat!("../templates/", $dir, "/subjects.txt")),
         }
@@ -38,6 +48,8 @@ struct Locale {
     payment_method_problem: &'static str,
     cap_reached: &'static str,
     rule_activated: &'static str,
+    confirmation_code: &'static str,
+    payment_method_expiring: &'static str,
     reasons: &'static str,
     subjects: &'static str,
 }
@@ -139,6 +151,8 @@ pub fn render(notification: &NotificationCommand) -> Rendered {
         NotificationKind::PaymentMethodProblem => locale.payment_method_problem,
         NotificationKind::CapReached => locale.cap_reached,
         NotificationKind::RuleActivated => locale.rule_activated,
+        NotificationKind::ConfirmationCode => locale.confirmation_code,
+        NotificationKind::PaymentMethodExpiring => locale.payment_method_expiring,
     };
     let mut values: HashMap<&str, String> = HashMap::new();
     for (name, money) in [
@@ -171,7 +185,7 @@ mod tests {
     use super::*;
 
     fn all_kinds() -> Vec<NotificationKind> {
-        (1..=7).filter_map(|k| NotificationKind::try_from(k).ok()).collect()
+        (1..=9).filter_map(|k| NotificationKind::try_from(k).ok()).collect()
     }
 
     fn sample(kind: NotificationKind, locale: &str) -> NotificationCommand {
@@ -186,6 +200,9 @@ mod tests {
                 ("reason".to_string(), "card_expired".to_string()),
                 ("method".to_string(), "•••• 4242".to_string()),
                 ("cap".to_string(), "max_topups_per_day".to_string()),
+                ("code".to_string(), "123456".to_string()),
+                ("minutes".to_string(), "10".to_string()),
+                ("expires".to_string(), "2027-01".to_string()),
             ]
             .into(),
             ..Default::default()

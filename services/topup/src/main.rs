@@ -29,6 +29,12 @@ struct Cli {
     /// Stop after the evaluator has consumed this many balance events, with a summary.
     #[arg(long)]
     max_events: Option<u64>,
+    /// Where the subscriber API listens.
+    #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8088")]
+    api_addr: std::net::SocketAddr,
+    /// The API's database (default: in memory, gone at exit like the embedded Kafka).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite::memory:")]
+    database_url: String,
 }
 
 #[tokio::main]
@@ -63,7 +69,24 @@ async fn main() -> anyhow::Result<()> {
         topup_payment_worker::Sandbox::new(),
         shutdown.clone(),
     ));
+    // One key seals confirmation codes between the API and the notifier; one signs tokens.
+    let code_key = topup_domain::CodeKey::random();
+    let jwt_secret = topup_domain::CodeKey::random().to_hex();
+    let mut api =
+        topup_api::Config::new(kafka.clone(), &cli.database_url, &jwt_secret, code_key.clone());
+    api.addr = cli.api_addr;
+    let api = topup_api::start(api, shutdown.clone()).await?;
+    let day = 24 * 3600;
+    let subscriber =
+        topup_api::issue(jwt_secret.as_bytes(), "sub-demo", topup_api::Role::Subscriber, day)?;
+    let operator =
+        topup_api::issue(jwt_secret.as_bytes(), "care-desk", topup_api::Role::Operator, day)?;
+    println!("Subscriber API: http://{}  (OpenAPI: http://{}/openapi.yaml)", api.addr, api.addr);
+    println!("  token for subscriber sub-demo: {subscriber}");
+    println!("  token for an operator:         {operator}\n");
+
     let mut notifier = topup_notifier::Config::new(kafka.clone());
+    notifier.confirmation_code_key = Some(code_key);
     // The demo shows every message at once; a deployed notifier holds non-urgent ones over
     // the subscriber's night (QUIET_HOURS, default 22:00-08:00).
     notifier.quiet_hours = topup_notifier::QuietHoursSetting(None);
@@ -98,6 +121,12 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(simulator) = simulator {
         simulator.abort();
+    }
+    match tokio::time::timeout(Duration::from_secs(10), api.task).await {
+        Ok(Ok(Err(e))) => eprintln!("the API stopped with an error: {e:#}"),
+        Ok(Err(e)) => eprintln!("the API panicked: {e}"),
+        Err(_) => eprintln!("the API did not stop within 10 s"),
+        Ok(Ok(Ok(()))) => {}
     }
     println!("\n{}", Summary::now());
     topup_kafka::finish_service().await;

@@ -130,6 +130,7 @@ pub fn rule_for(index: usize, subscriber_id: &str) -> Option<AutoTopUpRule> {
         max_topups_per_day: 20,
         max_amount_per_month: cny(200_000),
         carrier_id: CARRIER.into(),
+        monthly: None,
     })
 }
 

@@ -306,6 +306,7 @@ fn latency_rule(id: &str) -> AutoTopUpRule {
         max_topups_per_day: 0,
         max_amount_per_month: None,
         carrier_id: "bench".into(),
+        monthly: None,
     }
 }
 

@@ -1,0 +1,299 @@
+//! `topup-api`: the subscriber's front door. A subscriber (through the carrier's app) sets
+//! up a rule as a draft, confirms it with a one-time code the notifier sends, activates,
+//! pauses, resumes or deletes it, and reads the history of their top-ups. Rules go to
+//! `topup.rules.v1` (protobuf); the API never talks to the evaluator. The history is
+//! materialised from `topup.commands.v1` and `topup.results.v1` into SQLite (default) or
+//! PostgreSQL. The OpenAPI document is `deploy/openapi.yaml`, served at `/openapi.yaml`.
+
+pub mod auth;
+pub mod error;
+pub mod history;
+mod routes;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::{get, post, put};
+use rdkafka::producer::FutureProducer;
+use secrecy::{ExposeSecret, SecretString};
+use tokio_util::sync::CancellationToken;
+use topup_domain::{CarrierLimits, CodeKey};
+use topup_kafka::KafkaArgs;
+
+pub use auth::{issue, Role};
+pub use store::Db;
+
+/// The OpenAPI document, served at `/openapi.yaml`.
+pub const OPENAPI: &str = include_str!("../../../deploy/openapi.yaml");
+
+/// `topup-api` settings (`--help` lists them with their environment variables).
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+
+    /// Where the API listens.
+    #[arg(long = "api-addr", env = "API_ADDR", default_value = "127.0.0.1:8088")]
+    pub addr: SocketAddr,
+
+    /// sqlite://FILE?mode=rwc (created when missing) or postgres://USER:PASSWORD@HOST/DB.
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://topup-api.db?mode=rwc")]
+    pub database_url: String,
+
+    /// HS256 key that bearer tokens are signed with (at least 32 bytes).
+    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true, value_parser = secret)]
+    pub jwt_secret: Option<SecretString>,
+
+    /// File holding API_JWT_SECRET (a mounted secret).
+    #[arg(long, env = "API_JWT_SECRET_FILE")]
+    pub jwt_secret_file: Option<PathBuf>,
+
+    /// Key shared with the notifier: seals confirmation codes in records, keys their hashes
+    /// (64 hex digits, e.g. `openssl rand -hex 32`).
+    #[arg(long, env = "CONFIRMATION_CODE_KEY", hide_env_values = true, value_parser = code_key)]
+    pub code_key: Option<CodeKey>,
+
+    /// File holding CONFIRMATION_CODE_KEY.
+    #[arg(long, env = "CONFIRMATION_CODE_KEY_FILE")]
+    pub code_key_file: Option<PathBuf>,
+
+    /// Smallest and largest single top-up per carrier, minor units: `cmcc=1000-50000,*=100-100000`.
+    #[arg(long, env = "CARRIER_LIMITS", default_value = "*=100-100000")]
+    pub carrier_limits: CarrierLimits,
+
+    /// How long a confirmation code works (0: codes expire at once; for tests).
+    #[arg(long, env = "API_CODE_TTL_SECS", default_value_t = 600)]
+    pub code_ttl_secs: u64,
+
+    /// Wrong codes before the draft locks.
+    #[arg(long, env = "API_CODE_MAX_ATTEMPTS", default_value_t = 5)]
+    pub code_max_attempts: i64,
+
+    /// How long a draft stays locked.
+    #[arg(long, env = "API_CODE_LOCK_SECS", default_value_t = 900)]
+    pub code_lock_secs: u64,
+
+    /// Largest request body.
+    #[arg(long, env = "API_MAX_BODY_BYTES", default_value_t = 16 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Requests per minute per bearer.
+    #[arg(long, env = "API_RATE_LIMIT_PER_MINUTE", default_value_t = 120)]
+    pub rate_limit_per_minute: u32,
+
+    /// Consumer group of the history.
+    #[arg(
+        long = "api-history-group",
+        env = "API_HISTORY_GROUP",
+        default_value = "topup-api-history"
+    )]
+    pub history_group: String,
+}
+
+fn secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
+    Ok(SecretString::from(raw.to_string()))
+}
+
+fn code_key(raw: &str) -> Result<CodeKey, String> {
+    CodeKey::from_hex(raw).map_err(|e| e.to_string())
+}
+
+impl Config {
+    /// Defaults, with `kafka`, the secrets and the database given.
+    pub fn new(kafka: KafkaArgs, database_url: &str, jwt_secret: &str, code_key: CodeKey) -> Self {
+        Self {
+            kafka,
+            addr: SocketAddr::from(([127, 0, 0, 1], 8088)),
+            database_url: database_url.to_string(),
+            jwt_secret: Some(SecretString::from(jwt_secret.to_string())),
+            jwt_secret_file: None,
+            code_key: Some(code_key),
+            code_key_file: None,
+            carrier_limits: CarrierLimits::default(),
+            code_ttl_secs: 600,
+            code_max_attempts: 5,
+            code_lock_secs: 900,
+            max_body_bytes: 16 * 1024,
+            rate_limit_per_minute: 120,
+            history_group: "topup-api-history".into(),
+        }
+    }
+
+    fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {
+        let secret = match (&self.jwt_secret, &self.jwt_secret_file) {
+            (Some(secret), _) => secret.expose_secret().as_bytes().to_vec(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("API_JWT_SECRET_FILE {}", path.display()))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+            (None, None) => anyhow::bail!("API_JWT_SECRET (or API_JWT_SECRET_FILE) is required"),
+        };
+        anyhow::ensure!(secret.len() >= 32, "API_JWT_SECRET must be at least 32 bytes");
+        Ok(secret)
+    }
+
+    fn key(&self) -> anyhow::Result<CodeKey> {
+        match (&self.code_key, &self.code_key_file) {
+            (Some(key), _) => Ok(key.clone()),
+            (None, Some(path)) => Ok(CodeKey::from_hex(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("CONFIRMATION_CODE_KEY_FILE {}", path.display()))?,
+            )?),
+            (None, None) => {
+                anyhow::bail!("CONFIRMATION_CODE_KEY (or CONFIRMATION_CODE_KEY_FILE) is required")
+            }
+        }
+    }
+}
+
+/// Settings the handlers use.
+#[derive(Debug, Clone)]
+struct Settings {
+    code_ttl: Duration,
+    code_max_attempts: i64,
+    code_lock: Duration,
+    max_body_bytes: usize,
+}
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct App {
+    db: Db,
+    gate: auth::Gate,
+    producer: FutureProducer,
+    code_key: CodeKey,
+    limits: CarrierLimits,
+    settings: Settings,
+    history_ready: Arc<AtomicBool>,
+}
+
+/// A running API.
+#[derive(Debug)]
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Ends when it stops.
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+fn router(app: App) -> axum::Router {
+    let max_body = app.settings.max_body_bytes;
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|| async { topup_kafka::ops::render_metrics() }))
+        .route(
+            "/openapi.yaml",
+            get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
+        )
+        .route("/v1/subscribers/{subscriber}/draft", put(routes::put_draft).get(routes::get_draft))
+        .route("/v1/subscribers/{subscriber}/draft/confirm", post(routes::confirm))
+        .route(
+            "/v1/subscribers/{subscriber}/rule",
+            get(routes::get_rule).delete(routes::delete_rule),
+        )
+        .route("/v1/subscribers/{subscriber}/rule/activate", post(routes::activate))
+        .route("/v1/subscribers/{subscriber}/rule/pause", post(routes::pause))
+        .route("/v1/subscribers/{subscriber}/rule/resume", post(routes::resume))
+        .route("/v1/subscribers/{subscriber}/history", get(routes::history))
+        .route("/v1/subscribers/{subscriber}/history.csv", get(routes::history_csv))
+        .layer(DefaultBodyLimit::max(max_body))
+        .with_state(app)
+}
+
+async fn readyz(axum::extract::State(app): axum::extract::State<App>) -> impl IntoResponse {
+    let database = app.db.ping().await;
+    let history = app.history_ready.load(Ordering::Relaxed);
+    let status = if database && history { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, format!("database: {}\nhistory consumer: {}\n", ok(database), ok(history)))
+}
+
+fn ok(yes: bool) -> &'static str {
+    if yes {
+        "ready"
+    } else {
+        "not ready"
+    }
+}
+
+/// Opens the database, starts the history consumer and serves the API on `config.addr`
+/// (port 0: any free port) until `shutdown`.
+pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
+    let jwt = config.jwt_secret()?;
+    let code_key = config.key()?;
+    let db = Db::connect(&config.database_url).await?;
+    let producer: FutureProducer = config.kafka.producer().create()?;
+    let history_ready = Arc::new(AtomicBool::new(false));
+    let gate = auth::Gate::new(&jwt, config.rate_limit_per_minute);
+    let app = App {
+        db: db.clone(),
+        gate: gate.clone(),
+        producer,
+        code_key,
+        limits: config.carrier_limits.clone(),
+        settings: Settings {
+            code_ttl: Duration::from_secs(config.code_ttl_secs),
+            code_max_attempts: config.code_max_attempts.max(1),
+            code_lock: Duration::from_secs(config.code_lock_secs),
+            max_body_bytes: config.max_body_bytes,
+        },
+        history_ready: history_ready.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(config.addr)
+        .await
+        .with_context(|| format!("API_ADDR {}: cannot listen", config.addr))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, database = db.kind, "topup-api listening");
+    let history = tokio::spawn(history::run(
+        config.kafka.clone(),
+        config.history_group.clone(),
+        db,
+        history_ready,
+        shutdown.clone(),
+    ));
+    let forget = shutdown.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                _ = forget.cancelled() => break,
+                _ = every.tick() => gate.forget_idle(),
+            }
+        }
+    });
+    let task = tokio::spawn(async move {
+        axum::serve(listener, router(app))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await?;
+        history.await??;
+        Ok(())
+    });
+    Ok(Running { addr, task })
+}
+
+/// The `topup-api` command line.
+pub async fn main_from_args() -> anyhow::Result<()> {
+    #[derive(clap::Parser)]
+    #[command(version, about = "Subscriber API: draft, confirm, activate rules; top-up history")]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+    let cli = <Cli as clap::Parser>::parse();
+    let shutdown = topup_kafka::start_service(&topup_kafka::OpsArgs::default(), "topup-api")
+        .map_err(anyhow::Error::msg)?;
+    let running = start(cli.config, shutdown).await?;
+    let ran = running.task.await;
+    topup_kafka::finish_service().await;
+    ran??;
+    Ok(())
+}

@@ -1,0 +1,520 @@
+//! The HTTP handlers. Each one: who asks (bearer token, rate limit), may they (their own
+//! subscriber, or an operator reading), is the input valid (the domain's rules, the
+//! carrier's limits), then the change — in a database transaction that commits only once
+//! Kafka has the record.
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use prost::Message as _;
+use rdkafka::producer::FutureRecord;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use topup_domain::{Money, Rule, SubscriberId, ValidationError};
+use topup_proto::topics;
+use topup_proto::v1::{
+    AutoTopUpRule, NotificationCommand, NotificationKind, RuleState, RuleUpdated,
+};
+
+use crate::auth::{authorize, Access};
+use crate::error::ApiError;
+use crate::store::{Db, Draft, StoredRule, TopUpRow};
+use crate::App;
+
+const AWAITING: &str = "awaiting_confirmation";
+const CONFIRMED: &str = "confirmed";
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn rfc3339(ms: i64) -> Value {
+    match chrono::DateTime::from_timestamp_millis(ms) {
+        Some(t) if ms > 0 => json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
+        _ => Value::Null,
+    }
+}
+
+fn timestamp(ms: i64) -> topup_proto::Timestamp {
+    topup_proto::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
+    }
+}
+
+fn body_of(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::invalid_json(rejection.body_text())
+        }
+    })
+}
+
+fn subscriber_of(raw: &str) -> Result<SubscriberId, ApiError> {
+    SubscriberId::parse(raw).map_err(|e| ApiError::invalid(e.within("subscriberId")))
+}
+
+fn state_name(state: i32) -> &'static str {
+    RuleState::try_from(state).map_or("RULE_STATE_UNSPECIFIED", |s| s.as_str_name())
+}
+
+/// The rule as the API shows it: proto3 JSON, payment tokens replaced by masked labels.
+fn rule_view(rule: &AutoTopUpRule, updated_at_ms: i64) -> Value {
+    let mut view = serde_json::to_value(rule).unwrap_or(Value::Null);
+    if let Some(methods) = view.get_mut("paymentMethods").and_then(Value::as_array_mut) {
+        for (method, raw) in methods.iter_mut().zip(&rule.payment_methods) {
+            if let Some(object) = method.as_object_mut() {
+                object.remove("token");
+                object.insert("masked".into(), json!(crate::history::masked_method(raw)));
+            }
+        }
+    }
+    if let Some(object) = view.as_object_mut() {
+        object.insert("subscriberId".into(), json!(rule.subscriber_id));
+        object.insert("state".into(), json!(state_name(rule.state)));
+        object.insert("updatedAt".into(), rfc3339(updated_at_ms));
+    }
+    view
+}
+
+fn draft_view(app: &App, draft: &Draft, now: i64) -> Value {
+    let locked = draft.locked_until_ms > now;
+    let mut view = json!({
+        "subscriberId": draft.subscriber_id,
+        "status": if locked { "locked" } else { draft.status.as_str() },
+        "codeExpiresAt": rfc3339(draft.code_expires_ms),
+        "attemptsLeft": (app.settings.code_max_attempts - draft.attempts).max(0),
+        "rule": rule_view(&draft.rule, draft.updated_at_ms),
+    });
+    if locked {
+        view["lockedUntil"] = rfc3339(draft.locked_until_ms);
+    }
+    view
+}
+
+impl App {
+    async fn publish(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<(), ApiError> {
+        self.producer
+            .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(10))
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| ApiError::unavailable("publishing to Kafka", e))
+    }
+
+    async fn publish_rule(&self, rule: &AutoTopUpRule, now: i64) -> Result<(), ApiError> {
+        let record = RuleUpdated { rule: Some(rule.clone()), updated_at: Some(timestamp(now)) };
+        self.publish(topics::RULES, &rule.subscriber_id, record.encode_to_vec()).await
+    }
+}
+
+/// Checks a draft rule as the evaluator will, then against the carrier's limits.
+fn validate(app: &App, raw: &AutoTopUpRule, today: i64) -> Result<Rule, ApiError> {
+    let rule = Rule::try_from(raw).map_err(ApiError::invalid)?;
+    if rule.channels.is_empty() {
+        return Err(ApiError::invalid(ValidationError::new(
+            "channels",
+            "at least one is needed: the confirmation code is sent there",
+        )));
+    }
+    app.limits.check(&rule).map_err(ApiError::outside_limits)?;
+    for (i, method) in rule.payment_methods.iter().enumerate() {
+        if let Some(expires) = method.expires {
+            if expires.end_day() <= today {
+                return Err(ApiError::invalid(ValidationError::new(
+                    format!("payment_methods[{i}].expires"),
+                    format!("{expires} has passed: the method cannot be charged"),
+                )));
+            }
+        }
+    }
+    Ok(rule)
+}
+
+fn six_digits() -> String {
+    format!("{:06}", rand::random_range(0..1_000_000u32))
+}
+
+/// `PUT /v1/subscribers/{id}/draft`.
+pub(crate) async fn put_draft(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let claims = app.gate.admit(&headers)?;
+    authorize(&claims, &subscriber, Access::Write)?;
+    let subscriber = subscriber_of(&subscriber)?;
+    let body = body_of(body, app.settings.max_body_bytes)?;
+    let mut raw: AutoTopUpRule = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid_json(format!("the body is not an auto top-up rule in proto3 JSON: {e}"))
+    })?;
+    if !raw.subscriber_id.is_empty() && raw.subscriber_id != subscriber.as_str() {
+        return Err(ApiError::invalid(ValidationError::new(
+            "subscriber_id",
+            "differs from the subscriber in the path",
+        )));
+    }
+    raw.subscriber_id = subscriber.to_string();
+    raw.state = RuleState::Draft as i32;
+    let now = now_ms();
+    let rule = validate(&app, &raw, now.div_euclid(86_400_000))?;
+    let existing = app.db.draft(subscriber.as_str()).await?;
+    if let Some(draft) = &existing {
+        if draft.locked_until_ms > now {
+            return Err(ApiError::locked(((draft.locked_until_ms - now) / 1000) as u64));
+        }
+    }
+    let code = six_digits();
+    let draft = Draft {
+        subscriber_id: subscriber.to_string(),
+        rule: raw,
+        status: AWAITING.into(),
+        code_hash: app.code_key.hash(subscriber.as_str(), &code),
+        code_expires_ms: now + app.settings.code_ttl.as_millis() as i64,
+        attempts: 0,
+        locked_until_ms: 0,
+        version: existing.as_ref().map_or(0, |d| d.version),
+        updated_at_ms: now,
+    };
+    let notification = NotificationCommand {
+        notification_id: uuid::Uuid::new_v5(
+            &uuid::Uuid::NAMESPACE_OID,
+            format!("confirmation-code/{}/{}", subscriber, draft.code_hash).as_bytes(),
+        )
+        .to_string(),
+        subscriber_id: subscriber.to_string(),
+        kind: NotificationKind::ConfirmationCode as i32,
+        locale: rule.locale.clone(),
+        channels: draft.rule.channels.clone(),
+        parameters: [
+            (
+                topup_domain::SEALED_CODE_PARAMETER.to_string(),
+                app.code_key.seal(subscriber.as_str(), &code),
+            ),
+            ("minutes".to_string(), (app.settings.code_ttl.as_secs() / 60).max(1).to_string()),
+        ]
+        .into(),
+        urgent: true,
+        created_at: Some(timestamp(now)),
+        ..Default::default()
+    };
+    let mut tx = app.db.pool().begin().await?;
+    if !Db::save_draft(&mut tx, &draft).await? {
+        return Err(ApiError::conflict("the draft was changed by another request; try again"));
+    }
+    app.publish(topics::NOTIFICATIONS, subscriber.as_str(), notification.encode_to_vec()).await?;
+    tx.commit().await?;
+    tracing::info!(%subscriber, "draft saved; confirmation code sent");
+    let saved = Draft { version: draft.version + 1, ..draft };
+    Ok((StatusCode::ACCEPTED, Json(draft_view(&app, &saved, now))).into_response())
+}
+
+/// `GET /v1/subscribers/{id}/draft`.
+pub(crate) async fn get_draft(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let claims = app.gate.admit(&headers)?;
+    authorize(&claims, &subscriber, Access::Read)?;
+    let draft = app.db.draft(&subscriber).await?.ok_or_else(|| ApiError::not_found("no draft"))?;
+    Ok(Json(draft_view(&app, &draft, now_ms())))
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct ConfirmBody {
+    code: String,
+}
+
+/// `POST /v1/subscribers/{id}/draft/confirm`.
+pub(crate) async fn confirm(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let claims = app.gate.admit(&headers)?;
+    authorize(&claims, &subscriber, Access::Write)?;
+    let body = body_of(body, app.settings.max_body_bytes)?;
+    let ConfirmBody { code } = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_json(format!("expected {{\"code\": \"123456\"}}: {e}")))?;
+    let now = now_ms();
+    let mut draft = app
+        .db
+        .draft(&subscriber)
+        .await?
+        .ok_or_else(|| ApiError::not_found("no draft to confirm; PUT one first"))?;
+    if draft.locked_until_ms > now {
+        return Err(ApiError::locked(((draft.locked_until_ms - now) / 1000) as u64));
+    }
+    if draft.status == CONFIRMED || draft.code_hash.is_empty() {
+        return Err(ApiError::conflict(
+            "this draft's code was used or withdrawn; PUT the draft again for a new code",
+        ));
+    }
+    if now > draft.code_expires_ms {
+        return Err(ApiError::code_expired());
+    }
+    let mut conn = app.db.pool().acquire().await?;
+    if !app.code_key.matches(&subscriber, code.trim(), &draft.code_hash) {
+        draft.attempts += 1;
+        let locks = draft.attempts >= app.settings.code_max_attempts;
+        if locks {
+            // The code is withdrawn too: after the lock, only a new code confirms.
+            draft.locked_until_ms = now + app.settings.code_lock.as_millis() as i64;
+            draft.code_hash.clear();
+        }
+        let left = app.settings.code_max_attempts - draft.attempts;
+        if !Db::save_draft(&mut conn, &draft).await? {
+            return Err(ApiError::conflict("the draft was changed by another request; try again"));
+        }
+        tracing::warn!(%subscriber, attempts = draft.attempts, locked = locks, "wrong confirmation code");
+        return Err(if locks {
+            ApiError::locked(app.settings.code_lock.as_secs())
+        } else {
+            ApiError::wrong_code(left)
+        });
+    }
+    drop(conn);
+    // The right code: used up, the rule confirmed and published.
+    draft.status = CONFIRMED.into();
+    draft.code_hash.clear();
+    draft.updated_at_ms = now;
+    let mut rule = draft.rule.clone();
+    rule.state = RuleState::Confirmed as i32;
+    let version = app.db.rule(&subscriber).await?.map_or(0, |r| r.version);
+    let mut tx = app.db.pool().begin().await?;
+    if !Db::save_draft(&mut tx, &draft).await?
+        || !Db::save_rule(&mut tx, &rule, state_name(rule.state), version, now).await?
+    {
+        return Err(ApiError::conflict("the draft was changed by another request; try again"));
+    }
+    app.publish_rule(&rule, now).await?;
+    tx.commit().await?;
+    tracing::info!(%subscriber, "rule confirmed");
+    Ok(Json(rule_view(&rule, now)))
+}
+
+async fn current_rule(app: &App, subscriber: &str) -> Result<StoredRule, ApiError> {
+    app.db
+        .rule(subscriber)
+        .await?
+        .filter(|r| r.rule.state != RuleState::Deleted as i32)
+        .ok_or_else(|| ApiError::not_found("no rule; PUT a draft and confirm it first"))
+}
+
+/// `GET /v1/subscribers/{id}/rule`.
+pub(crate) async fn get_rule(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let claims = app.gate.admit(&headers)?;
+    authorize(&claims, &subscriber, Access::Read)?;
+    let stored = current_rule(&app, &subscriber).await?;
+    Ok(Json(rule_view(&stored.rule, stored.updated_at_ms)))
+}
+
+/// Moves the rule from one of `from` to `to`, publishing it.
+async fn transition(
+    app: &App,
+    subscriber: &str,
+    headers: &HeaderMap,
+    from: &[RuleState],
+    to: RuleState,
+) -> Result<AutoTopUpRule, ApiError> {
+    let claims = app.gate.admit(headers)?;
+    authorize(&claims, subscriber, Access::Write)?;
+    let stored = current_rule(app, subscriber).await?;
+    if !from.iter().any(|s| *s as i32 == stored.rule.state) {
+        return Err(ApiError::conflict(format!(
+            "the rule is {}; this needs it to be {}",
+            state_name(stored.rule.state),
+            from.iter().map(|s| s.as_str_name()).collect::<Vec<_>>().join(" or ")
+        )));
+    }
+    let now = now_ms();
+    let mut rule = stored.rule;
+    rule.state = to as i32;
+    let mut tx = app.db.pool().begin().await?;
+    if !Db::save_rule(&mut tx, &rule, to.as_str_name(), stored.version, now).await? {
+        return Err(ApiError::conflict("the rule was changed by another request; try again"));
+    }
+    app.publish_rule(&rule, now).await?;
+    tx.commit().await?;
+    tracing::info!(%subscriber, state = to.as_str_name(), "rule changed");
+    Ok(rule)
+}
+
+/// `POST /v1/subscribers/{id}/rule/activate`.
+pub(crate) async fn activate(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let from = [RuleState::Confirmed, RuleState::Paused];
+    let rule = transition(&app, &subscriber, &headers, &from, RuleState::Active).await?;
+    Ok(Json(rule_view(&rule, now_ms())))
+}
+
+/// `POST /v1/subscribers/{id}/rule/pause`.
+pub(crate) async fn pause(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let rule =
+        transition(&app, &subscriber, &headers, &[RuleState::Active], RuleState::Paused).await?;
+    Ok(Json(rule_view(&rule, now_ms())))
+}
+
+/// `POST /v1/subscribers/{id}/rule/resume`.
+pub(crate) async fn resume(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let rule =
+        transition(&app, &subscriber, &headers, &[RuleState::Paused], RuleState::Active).await?;
+    Ok(Json(rule_view(&rule, now_ms())))
+}
+
+/// `DELETE /v1/subscribers/{id}/rule`.
+pub(crate) async fn delete_rule(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+) -> Result<StatusCode, ApiError> {
+    let from = [RuleState::Draft, RuleState::Confirmed, RuleState::Active, RuleState::Paused];
+    transition(&app, &subscriber, &headers, &from, RuleState::Deleted).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Page {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+fn encode_cursor(row: &TopUpRow) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{}:{}", row.issued_at_ms, row.command_id))
+}
+
+fn decode_cursor(cursor: &str) -> Result<(i64, String), ApiError> {
+    let bad = || ApiError::invalid(ValidationError::new("cursor", "is not a cursor this API gave"));
+    let text =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(cursor).map_err(|_| bad())?;
+    let text = String::from_utf8(text).map_err(|_| bad())?;
+    let (issued, command) = text.split_once(':').ok_or_else(bad)?;
+    Ok((issued.parse().map_err(|_| bad())?, command.to_string()))
+}
+
+fn decimal(minor: i64, currency: &str) -> String {
+    topup_domain::Currency::parse(currency)
+        .map(|c| Money::new(c, minor).decimal())
+        .unwrap_or_else(|_| minor.to_string())
+}
+
+fn item_view(row: &TopUpRow) -> Value {
+    let mut item = json!({
+        "commandId": row.command_id,
+        "amount": { "currency": row.currency, "amountMinor": row.amount_minor.to_string() },
+        "method": row.method,
+        "status": row.status,
+        "reason": row.reason,
+        "trigger": row.trigger,
+        "causeSequence": row.cause_sequence.to_string(),
+        "observedAt": rfc3339(row.observed_at_ms),
+        "issuedAt": rfc3339(row.issued_at_ms),
+    });
+    if row.completed_at_ms > 0 {
+        item["completedAt"] = rfc3339(row.completed_at_ms);
+    }
+    item
+}
+
+/// `GET /v1/subscribers/{id}/history`.
+pub(crate) async fn history(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    Query(page): Query<Page>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    let claims = app.gate.admit(&headers)?;
+    authorize(&claims, &subscriber, Access::Read)?;
+    let limit = page.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::invalid(ValidationError::new("limit", "must be 1 to 200")));
+    }
+    let cursor = page.cursor.as_deref().map(decode_cursor).transpose()?;
+    let rows = app.db.history(&subscriber, cursor, limit).await?;
+    let next = (rows.len() as i64 == limit).then(|| rows.last().map(encode_cursor)).flatten();
+    Ok(Json(json!({
+        "items": rows.iter().map(item_view).collect::<Vec<_>>(),
+        "nextCursor": next,
+    })))
+}
+
+fn csv_field(text: &str) -> String {
+    if text.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text.to_string()
+    }
+}
+
+/// `GET /v1/subscribers/{id}/history.csv`: every top-up, newest first.
+pub(crate) async fn history_csv(
+    State(app): State<App>,
+    Path(subscriber): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let claims = app.gate.admit(&headers)?;
+    authorize(&claims, &subscriber, Access::Read)?;
+    let mut csv =
+        String::from("command_id,issued_at,amount,currency,method,status,reason,completed_at\n");
+    let mut cursor = None;
+    loop {
+        let rows = app.db.history(&subscriber, cursor, 500).await?;
+        for row in &rows {
+            let time = |ms| rfc3339(ms).as_str().unwrap_or_default().to_string();
+            let fields = [
+                row.command_id.clone(),
+                time(row.issued_at_ms),
+                decimal(row.amount_minor, &row.currency),
+                row.currency.clone(),
+                row.method.clone(),
+                row.status.clone(),
+                row.reason.clone(),
+                time(row.completed_at_ms),
+            ];
+            csv.push_str(&fields.iter().map(|f| csv_field(f)).collect::<Vec<_>>().join(","));
+            csv.push('\n');
+        }
+        match rows.last() {
+            Some(last) if rows.len() == 500 => {
+                cursor = Some((last.issued_at_ms, last.command_id.clone()))
+            }
+            _ => break,
+        }
+    }
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"topups-{subscriber}.csv\""),
+            ),
+        ],
+        csv,
+    )
+        .into_response())
+}
