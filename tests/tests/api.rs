@@ -52,7 +52,9 @@ impl World {
     ) -> anyhow::Result<Self> {
         let mut platform = Platform::cluster()?;
         let key = CodeKey::random();
-        platform.start_evaluator();
+        let mut evaluator = topup_evaluator::Config::new(platform.kafka.clone());
+        evaluator.tick_ms = 100;
+        platform.services.spawn(topup_evaluator::run(evaluator, platform.shutdown.clone()));
         platform.start_payment_worker(
             topup_payment_worker::Config::new(platform.kafka.clone()),
             platform.gateway.clone(),
@@ -155,8 +157,15 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
     let phone = "+8613800000001";
     let path = |p: &str| format!("/v1/subscribers/sub-alice{p}");
 
-    let (status, body) =
-        world.call(Method::PUT, &path("/draft"), Some(&alice), Some(draft(phone, 5000))).await?;
+    // Below 10.00 add 50.00, and every month on today's date add 30.00.
+    let today = topup_domain::calendar::civil_from_days(
+        topup_kafka::now_timestamp().seconds.div_euclid(86_400),
+    )
+    .2;
+    let mut body = draft(phone, 5000);
+    body["monthly"] =
+        json!({ "dayOfMonth": today, "amount": { "currency": "CNY", "amountMinor": "3000" } });
+    let (status, body) = world.call(Method::PUT, &path("/draft"), Some(&alice), Some(body)).await?;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["status"], "awaiting_confirmation");
     assert_eq!(body["rule"]["paymentMethods"][0]["masked"], "card •••• 4242");
@@ -197,14 +206,22 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::OK, "{body}");
     assert_eq!(body["state"], "RULE_STATE_ACTIVE");
 
-    // The balance falls: the evaluator (which heard of the rule only through Kafka) tops up.
+    // Today is the monthly day: that top-up comes. Then the balance falls: the evaluator
+    // (which heard of the rule only through Kafka) tops up.
+    world
+        .history_until("sub-alice", &alice, |items| {
+            items.iter().any(|i| i["trigger"] == "monthly" && i["status"] == "succeeded")
+        })
+        .await?;
     world.platform.publish_balance("sub-alice", 850, 1).await?;
     let items = world
         .history_until("sub-alice", &alice, |items| {
-            items.first().is_some_and(|i| i["status"] == "succeeded")
+            items.len() == 2 && items.iter().all(|i| i["status"] == "succeeded")
         })
         .await?;
-    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["trigger"], "threshold", "newest first: {items:?}");
+    assert_eq!(items[1]["trigger"], "monthly");
+    assert_eq!(items[1]["amount"]["amountMinor"], "3000");
     let item = &items[0];
     assert_eq!(item["amount"], json!({ "currency": "CNY", "amountMinor": "5000" }));
     assert_eq!(item["method"], "card •••• 4242");
@@ -226,7 +243,7 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
         .wait_caught_up("topup-api-history", &[topics::COMMANDS, topics::RESULTS])
         .await?;
     let (_, page) = world.call(Method::GET, &path("/history"), Some(&alice), None).await?;
-    assert_eq!(page["items"].as_array().map(Vec::len), Some(1), "a replay adds no row: {page}");
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(2), "a replay adds no row: {page}");
     assert_eq!(page["items"][0]["status"], "succeeded");
 
     // Bob sees none of it; the operator reads it; the CSV has the row.
@@ -248,8 +265,9 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
     let csv = csv.as_str().unwrap_or_default().to_string();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], "command_id,issued_at,amount,currency,method,status,reason,completed_at");
-    assert_eq!(lines.len(), 2, "{csv}");
+    assert_eq!(lines.len(), 3, "{csv}");
     assert!(lines[1].contains(",50.00,CNY,card •••• 4242,succeeded,"), "{csv}");
+    assert!(lines[2].contains(",30.00,CNY,card •••• 4242,succeeded,"), "{csv}");
 
     // Pause, resume, delete.
     let (status, body) = world.call(Method::POST, &path("/rule/pause"), Some(&alice), None).await?;

@@ -190,7 +190,7 @@ fn router(app: App) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(|| async { topup_kafka::ops::render_metrics() }))
+        .route("/metrics", get(|| async { topup_kafka::ops::metrics_response() }))
         .route(
             "/openapi.yaml",
             get(|| async { ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI) }),
@@ -207,7 +207,34 @@ fn router(app: App) -> axum::Router {
         .route("/v1/subscribers/{subscriber}/history", get(routes::history))
         .route("/v1/subscribers/{subscriber}/history.csv", get(routes::history_csv))
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn(count_requests))
         .with_state(app)
+}
+
+/// Counts every answer in `topup_api_requests_total{method,route,status}` (the route as
+/// declared, `/v1/subscribers/{subscriber}/...`: no subscriber id in a label).
+async fn count_requests(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    static COUNTER: std::sync::OnceLock<topup_kafka::ops::LabeledCounter> =
+        std::sync::OnceLock::new();
+    let method = request.method().to_string();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    COUNTER
+        .get_or_init(|| {
+            topup_kafka::ops::LabeledCounter::new(
+                "api_requests",
+                "API answers, by route and status",
+            )
+        })
+        .inc(&[("method", &method), ("route", &route), ("status", &status)]);
+    response
 }
 
 async fn readyz(axum::extract::State(app): axum::extract::State<App>) -> impl IntoResponse {

@@ -58,7 +58,7 @@ fn body_of(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, A
 }
 
 fn subscriber_of(raw: &str) -> Result<SubscriberId, ApiError> {
-    SubscriberId::parse(raw).map_err(|e| ApiError::invalid(e.within("subscriberId")))
+    SubscriberId::parse(raw).map_err(ApiError::invalid)
 }
 
 fn state_name(state: i32) -> &'static str {

@@ -57,6 +57,13 @@ pub fn command_id(subscriber: &SubscriberId, cause_sequence: u64, n: u64) -> Str
     Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
 }
 
+/// The id of a subscriber's monthly top-up for `period` ("2026-11"): one per period, the
+/// same however often it is issued, so it is charged once.
+pub fn monthly_command_id(subscriber: &SubscriberId, period: &str) -> String {
+    let name = format!("command/{subscriber}/monthly/{period}");
+    Uuid::new_v5(&NAMESPACE, name.as_bytes()).to_string()
+}
+
 /// The key the payment gateway de-duplicates charges by; derived from the command id.
 pub fn idempotency_key(command_id: &str) -> String {
     format!("topup-{command_id}")

@@ -17,7 +17,7 @@ mod signing;
 pub use balance::BalanceObservation;
 pub use code::{CodeError, CodeKey, SEALED_CODE_PARAMETER};
 pub use error::{Invalid, ValidationError};
-pub use ids::{command_id, idempotency_key, notification_id, SubscriberId};
+pub use ids::{command_id, idempotency_key, monthly_command_id, notification_id, SubscriberId};
 pub use limits::{CarrierLimits, ChargeRange, LimitsSyntax};
 pub use mask::{mask_contact, mask_token};
 pub use money::{Currency, Money};

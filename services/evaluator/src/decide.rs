@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use topup_domain::{
-    command_id, idempotency_key, notification_id, BalanceObservation, Money, Rule, RuleState,
-    SubscriberId, TopUpOutcome,
+    command_id, idempotency_key, monthly_command_id, notification_id, BalanceObservation, Money,
+    Rule, RuleState, SubscriberId, TopUpOutcome, YearMonth,
 };
 use topup_proto::v1::{NotificationCommand, NotificationKind, TopUpCommand, TopUpTrigger};
 use topup_proto::Timestamp;
@@ -37,6 +37,13 @@ pub struct SubscriberState {
     pub cap_notified_window: String,
     /// Commands issued so far (part of the deterministic command id).
     pub commands_issued: u64,
+    /// The month ("2026-11") of the last monthly top-up issued or skipped.
+    pub monthly_period: String,
+    /// Payment methods reminded of their expiry ("<token>|<YYYY-MM>").
+    pub expiry_reminded: Vec<String>,
+    /// A top-up succeeded after the last balance seen: that balance is stale, and a rule
+    /// change (pause and resume) must not fire on it again.
+    pub awaiting_credit: bool,
 }
 
 /// The last balance seen.
@@ -104,6 +111,9 @@ impl SubscriberState {
             caps: CapCounters::default(),
             cap_notified_window: String::new(),
             commands_issued: 0,
+            monthly_period: String::new(),
+            expiry_reminded: Vec::new(),
+            awaiting_credit: false,
         }
     }
 }
@@ -178,6 +188,7 @@ pub fn decide(
                     state.armed = true;
                 }
             }
+            state.awaiting_credit = false;
             state.balance = Some(LastBalance {
                 money: observation.balance,
                 sequence: observation.sequence,
@@ -206,6 +217,9 @@ pub fn decide(
                     // A rule change is a fresh start: the next low balance may fire again.
                     state.armed = true;
                 }
+                if rule.is_active() && (!was_active || changed) {
+                    skip_passed_monthly(&mut state, &rule, &now);
+                }
                 if rule.is_active() && !was_active {
                     effects.push(Effect::Notify(notify(
                         &state,
@@ -232,6 +246,9 @@ pub fn decide(
                         }
                     }
                     state.in_flight = None;
+                    // The balance we know is from before this top-up: until the carrier
+                    // reports the credited one, it must not fire another.
+                    state.awaiting_credit = outcome.succeeded;
                 }
                 // A result for something no longer in flight (a duplicate): nothing to close.
                 _ => return Ok((state, effects)),
@@ -245,7 +262,7 @@ pub fn decide(
 
 fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Effect>) {
     let (Some(rule), Some(balance)) = (&state.rule, &state.balance) else { return };
-    if !rule.is_active() || !state.armed || state.in_flight.is_some() {
+    if !rule.is_active() || !state.armed || state.in_flight.is_some() || state.awaiting_credit {
         return;
     }
     if balance.money.minor >= rule.threshold.minor {
@@ -365,6 +382,85 @@ pub fn reissue(
     let (command, started) =
         command_effects(state, rule, &balance, &flight.command_id, flight.amount, now);
     Some(vec![Effect::Command(command), Effect::Notify(started)])
+}
+
+/// Days before a payment method's expiry when the subscriber is reminded to update it.
+pub const EXPIRY_REMINDER_DAYS: i64 = 30;
+
+/// A monthly top-up whose day of this month has passed when the rule is switched on waits
+/// for next month (nobody expects a charge for a day gone by).
+fn skip_passed_monthly(state: &mut SubscriberState, rule: &Rule, now: &Timestamp) {
+    let Some(monthly) = rule.monthly else { return };
+    let day = now.seconds.div_euclid(86_400);
+    if day > monthly.due_day_in_month_of(day) {
+        let period = YearMonth::of_day(day).to_string();
+        if state.monthly_period < period {
+            state.monthly_period = period;
+        }
+    }
+}
+
+/// What a UTC day brings a subscriber, whatever the balance: the monthly top-up on its day
+/// (once per month, even when asked again), and a reminder for each payment method that
+/// expires within [`EXPIRY_REMINDER_DAYS`] or this month (once per method and expiry).
+pub fn on_day(mut state: SubscriberState, now: Timestamp) -> (SubscriberState, Vec<Effect>) {
+    let mut effects = Vec::new();
+    let Some(rule) = state.rule.clone() else { return (state, effects) };
+    let day = now.seconds.div_euclid(86_400);
+    if let Some(monthly) = rule.monthly.filter(|_| rule.is_active()) {
+        let period = YearMonth::of_day(day).to_string();
+        if day >= monthly.due_day_in_month_of(day) && state.monthly_period < period {
+            let id = monthly_command_id(&state.subscriber, &period);
+            let balance = LastBalance {
+                money: state.balance.as_ref().map_or(monthly.amount, |b| b.money),
+                sequence: 0,
+                observed_at: Some(now),
+                carrier_id: state
+                    .balance
+                    .as_ref()
+                    .map(|b| b.carrier_id.clone())
+                    .unwrap_or_default(),
+            };
+            let (mut command, started) =
+                command_effects(&state, &rule, &balance, &id, monthly.amount, now);
+            command.trigger = TopUpTrigger::Monthly as i32;
+            command.cause_event_id = format!("{}/monthly/{period}", state.subscriber);
+            effects.push(Effect::Command(command));
+            effects.push(Effect::Notify(started));
+            state.monthly_period = period;
+        }
+    }
+    if matches!(rule.state, RuleState::Active | RuleState::Paused | RuleState::Confirmed) {
+        let keys: Vec<String> = rule
+            .payment_methods
+            .iter()
+            .filter_map(|m| m.expires.map(|e| format!("{}|{e}", m.token)))
+            .collect();
+        // Forget reminders of methods no longer in the rule.
+        state.expiry_reminded.retain(|k| keys.contains(k));
+        for method in &rule.payment_methods {
+            let Some(expires) = method.expires else { continue };
+            let left = expires.end_day() - day;
+            let key = format!("{}|{expires}", method.token);
+            // Within 30 days, or this very month (on the 1st of a 31-day month it is 31).
+            let soon = left <= EXPIRY_REMINDER_DAYS || expires == YearMonth::of_day(day);
+            if left <= 0 || !soon || state.expiry_reminded.contains(&key) {
+                continue;
+            }
+            let shown = if method.label.is_empty() {
+                topup_domain::mask_token(&method.token)
+            } else {
+                method.label.clone()
+            };
+            let about = format!("expiring/{}/{expires}", topup_domain::mask_token(&method.token));
+            let mut n = notify(&state, &rule, NotificationKind::PaymentMethodExpiring, &about, now);
+            n.parameters.insert("method".into(), shown);
+            n.parameters.insert("expires".into(), expires.to_string());
+            effects.push(Effect::Notify(n));
+            state.expiry_reminded.push(key);
+        }
+    }
+    (state, effects)
 }
 
 fn remind_if_due(

@@ -356,3 +356,114 @@ fn the_record_that_issued_a_top_up_read_again_issues_the_same_command_and_nothin
     state.in_flight = None;
     assert!(reissue(&state, at, &low, NOW).is_none());
 }
+
+/// Midnight UTC of a date.
+fn at(year: i64, month: u32, day: u32) -> Timestamp {
+    Timestamp {
+        seconds: topup_domain::calendar::days_from_civil(year, month, day) * 86_400,
+        nanos: 0,
+    }
+}
+
+fn monthly_rule(day_of_month: u32, expires: &str) -> wire::AutoTopUpRule {
+    let mut raw = wire_rule(wire::RuleState::Active);
+    raw.monthly = Some(wire::MonthlyTopUp { day_of_month, amount: Some(cny(3000)) });
+    raw.payment_methods[0].expires = expires.into();
+    raw
+}
+
+fn with_rule(raw: &wire::AutoTopUpRule, when: Timestamp) -> SubscriberState {
+    decide(SubscriberState::new(sub()), rule_event(raw), "t/0/0", when, &Settings::default())
+        .unwrap()
+        .0
+}
+
+#[test]
+fn a_monthly_top_up_comes_on_its_day_once_a_month() {
+    let state = with_rule(&monthly_rule(15, ""), at(2026, 3, 1));
+    // Before the day: nothing.
+    let (state, effects) = on_day(state, at(2026, 3, 14));
+    assert!(commands(&effects).is_empty());
+    // On the day: one command of the monthly amount, a monthly trigger and a period id.
+    let (state, effects) = on_day(state, at(2026, 3, 15));
+    let issued = commands(&effects);
+    assert_eq!(issued.len(), 1);
+    assert_eq!(issued[0].amount, Some(cny(3000)));
+    assert_eq!(issued[0].trigger, wire::TopUpTrigger::Monthly as i32);
+    assert_eq!(issued[0].command_id, topup_domain::monthly_command_id(&sub(), "2026-03"));
+    let first_id = issued[0].command_id.clone();
+    // Asked again the same month (another tick, a restart that restored this state): nothing.
+    let (state, effects) = on_day(state, at(2026, 3, 15));
+    assert!(commands(&effects).is_empty());
+    let (state, effects) = on_day(state, at(2026, 3, 31));
+    assert!(commands(&effects).is_empty());
+    // Next month, a new id.
+    let (_, effects) = on_day(state, at(2026, 4, 20));
+    assert_eq!(commands(&effects).len(), 1);
+    assert_ne!(commands(&effects)[0].command_id, first_id);
+}
+
+#[test]
+fn a_monthly_day_past_the_months_end_falls_on_its_last_day() {
+    let state = with_rule(&monthly_rule(31, ""), at(2026, 2, 1));
+    let (state, effects) = on_day(state, at(2026, 2, 27));
+    assert!(commands(&effects).is_empty());
+    let (_, effects) = on_day(state, at(2026, 2, 28));
+    assert_eq!(commands(&effects).len(), 1, "February 2026 has 28 days");
+}
+
+#[test]
+fn a_rule_switched_on_after_the_day_waits_for_next_month_and_paused_rules_never_charge() {
+    let state = with_rule(&monthly_rule(5, ""), at(2026, 3, 20));
+    let (state, effects) = on_day(state, at(2026, 3, 20));
+    assert!(commands(&effects).is_empty(), "the 5th has passed");
+    let (_, effects) = on_day(state, at(2026, 4, 5));
+    assert_eq!(commands(&effects).len(), 1);
+    let mut paused = monthly_rule(5, "");
+    paused.state = wire::RuleState::Paused as i32;
+    let (_, effects) = on_day(with_rule(&paused, at(2026, 3, 1)), at(2026, 3, 5));
+    assert!(commands(&effects).is_empty());
+}
+
+#[test]
+fn a_payment_method_about_to_expire_is_reminded_of_once() {
+    let reminders = |effects: &[Effect]| {
+        effects
+            .iter()
+            .filter(|e| matches!(e, Effect::Notify(n) if n.kind == NotificationKind::PaymentMethodExpiring as i32))
+            .count()
+    };
+    let state = with_rule(&monthly_rule(28, "2026-06"), at(2026, 3, 1));
+    // More than 30 days before the end of June: nothing.
+    let (state, effects) = on_day(state, at(2026, 5, 31));
+    assert_eq!(reminders(&effects), 0);
+    // June 1st: the card expires this month.
+    let (state, effects) = on_day(state, at(2026, 6, 1));
+    assert_eq!(reminders(&effects), 1);
+    let Some(Effect::Notify(n)) = effects.iter().find(|e| matches!(e, Effect::Notify(_))) else {
+        panic!("no reminder")
+    };
+    assert_eq!(n.parameters.get("expires").map(String::as_str), Some("2026-06"));
+    // Once.
+    let (state, effects) = on_day(state, at(2026, 6, 10));
+    assert_eq!(reminders(&effects), 0);
+    // Expired: no reminder (the payment worker skips it and says so).
+    let (_, effects) = on_day(state, at(2026, 7, 2));
+    assert_eq!(reminders(&effects), 0);
+}
+
+#[test]
+fn pausing_and_resuming_after_a_top_up_does_not_charge_again_on_the_old_balance() {
+    let active = wire_rule(wire::RuleState::Active);
+    let (state, effects) = run(vec![rule_event(&active), balance(850, 1)]);
+    let id = commands(&effects)[0].command_id.clone();
+    let mut paused = active.clone();
+    paused.state = wire::RuleState::Paused as i32;
+    // Paid; the carrier has not reported the credited balance yet; pause and resume.
+    let (state, effects) =
+        run_from(state, vec![outcome(&id, true), rule_event(&paused), rule_event(&active)]);
+    assert!(commands(&effects).is_empty(), "850 is from before the top-up");
+    // The credited balance, then a new drop: a new top-up.
+    let (_, effects) = run_from(state, vec![balance(5850, 2), balance(700, 3)]);
+    assert_eq!(commands(&effects).len(), 1);
+}

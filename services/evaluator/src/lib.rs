@@ -45,6 +45,11 @@ pub struct Config {
     /// subscribers without a rule.
     #[arg(long, env = "REMINDER_LEVEL_MINOR", default_value_t = 500)]
     pub reminder_level_minor: i64,
+
+    /// How often monthly top-ups and payment-method expiry reminders are looked for (every
+    /// subscriber once a UTC day, and those whose rule changed).
+    #[arg(long, env = "EVALUATOR_TICK_MS", default_value_t = 10_000)]
+    pub tick_ms: u64,
 }
 
 impl Config {
@@ -57,6 +62,7 @@ impl Config {
             transactional_id: None,
             max_batch: 500,
             reminder_level_minor: 500,
+            tick_ms: 10_000,
         }
     }
 }
@@ -89,7 +95,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> topup_kafka::Re
             .unwrap_or_else(|| instance_id("topup-evaluator")),
         inputs: vec![topics::BALANCE, topics::RULES, topics::RESULTS],
         max_batch: config.max_batch,
-        tick_every: None,
+        tick_every: Some(std::time::Duration::from_millis(config.tick_ms.max(10))),
         kafka: config.kafka.clone(),
     };
     let settings = Settings { reminder_level_minor: config.reminder_level_minor };

@@ -1,7 +1,8 @@
 //! Where a record becomes a decision: decode and validate the input, load the subscriber's
 //! state, `decide`, and turn the effects and the new state into records.
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use topup_domain::{BalanceObservation, Money, Rule, SubscriberId, TopUpOutcome};
 use topup_kafka::{decode, Input, KafkaArgs, Output, Processor, Refusal, StateStore};
@@ -9,7 +10,9 @@ use topup_proto::evaluator::v1 as changelog;
 use topup_proto::v1::{self as wire, BalanceUpdated, RuleUpdated, TopUpResult};
 use topup_proto::{topics, Message};
 
-use crate::decide::{decide, reissue, Effect, Event, InputRecord, Settings, SubscriberState};
+use crate::decide::{
+    decide, on_day, reissue, Effect, Event, InputRecord, Settings, SubscriberState,
+};
 use crate::metrics::{self, count};
 
 /// The evaluator's Kafka-facing half; the decision itself is in [`crate::decide`].
@@ -17,6 +20,11 @@ pub struct Evaluator {
     settings: Settings,
     /// State per input partition, then per subscriber id.
     store: StateStore<SubscriberState>,
+    /// The UTC day every subscriber was last looked at for [`on_day`] (monthly top-ups,
+    /// expiry reminders); `None` after a (re)assignment.
+    scanned_day: Option<i64>,
+    /// Subscribers whose rule changed since, looked at on the next tick.
+    rule_changed: HashSet<(i32, String)>,
 }
 
 /// How far ahead of the record's own time a balance's `observed_at` may be.
@@ -79,7 +87,12 @@ fn apply_record(
 impl Evaluator {
     /// An evaluator with no partitions yet.
     pub fn new(kafka: KafkaArgs, settings: Settings) -> Self {
-        Self { settings, store: StateStore::new(kafka, topics::EVALUATOR_STATE, apply_record) }
+        Self {
+            settings,
+            store: StateStore::new(kafka, topics::EVALUATOR_STATE, apply_record),
+            scanned_day: None,
+            rule_changed: HashSet::new(),
+        }
     }
 }
 
@@ -162,6 +175,7 @@ fn emit(effects: Vec<Effect>, subscriber: &SubscriberId, out: &mut Vec<Output>) 
 
 impl Processor for Evaluator {
     async fn assigned(&mut self, partitions: &BTreeSet<i32>) -> topup_kafka::Result<()> {
+        self.scanned_day = None;
         self.store.restore(partitions).await
     }
 
@@ -209,6 +223,7 @@ impl Processor for Evaluator {
                     _ => true,
                 };
                 if rule_changed {
+                    self.rule_changed.insert((input.partition, subscriber.to_string()));
                     let key = rule_key(subscriber.as_str());
                     out.push(match &after.rule {
                         Some(rule) => self.store.record_bytes(
@@ -228,6 +243,45 @@ impl Processor for Evaluator {
                 Err(Refusal::new(reason))
             }
         }
+    }
+
+    /// Once per UTC day every subscriber, and any whose rule changed since the last tick:
+    /// the monthly top-up when due, reminders for payment methods about to expire.
+    async fn tick(&mut self, now: SystemTime) -> Vec<Output> {
+        let now = topup_kafka::timestamp_of(now);
+        let day = now.seconds.div_euclid(86_400);
+        let changed = std::mem::take(&mut self.rule_changed);
+        let targets: Vec<(i32, String)> = if self.scanned_day == Some(day) {
+            changed.into_iter().collect()
+        } else {
+            self.store
+                .partitions_mut()
+                .flat_map(|(partition, states)| {
+                    states
+                        .iter()
+                        .filter(|(_, state)| state.rule.is_some())
+                        .map(move |(subscriber, _)| (partition, subscriber.clone()))
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        };
+        let mut out = Vec::new();
+        for (partition, subscriber) in targets {
+            let Some(state) = self.store.partition_mut(partition).get_mut(&subscriber) else {
+                continue;
+            };
+            let (after, effects) = on_day(state.clone(), now);
+            let record = after.differs_from(state).then(|| after.encode_record());
+            *state = after;
+            if let Ok(id) = SubscriberId::parse(&subscriber) {
+                emit(effects, &id, &mut out);
+            }
+            if let Some(record) = record {
+                out.push(self.store.record_bytes(partition, &subscriber, record));
+            }
+        }
+        self.scanned_day = Some(day);
+        out
     }
 }
 

@@ -66,6 +66,9 @@ impl SubscriberState {
             || self.caps != other.caps
             || self.cap_notified_window != other.cap_notified_window
             || self.commands_issued != other.commands_issued
+            || self.monthly_period != other.monthly_period
+            || self.expiry_reminded != other.expiry_reminded
+            || self.awaiting_credit != other.awaiting_credit
             || self.subscriber != other.subscriber
     }
 
@@ -94,6 +97,9 @@ impl SubscriberState {
             amount_this_month_minor: self.caps.amount_this_month,
             cap_notified_window: self.cap_notified_window.clone(),
             commands_issued: self.commands_issued,
+            monthly_period: self.monthly_period.clone(),
+            expiry_reminded: self.expiry_reminded.clone(),
+            awaiting_credit: self.awaiting_credit,
         }
     }
 }
@@ -157,6 +163,9 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
             },
             cap_notified_window: record.cap_notified_window.clone(),
             commands_issued: record.commands_issued,
+            monthly_period: record.monthly_period.clone(),
+            expiry_reminded: record.expiry_reminded.clone(),
+            awaiting_credit: record.awaiting_credit,
         })
     }
 }

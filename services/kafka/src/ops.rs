@@ -202,6 +202,15 @@ pub fn render_metrics() -> String {
     text
 }
 
+/// The `/metrics` answer: the metrics in the OpenMetrics text format.
+pub fn metrics_response() -> axum::response::Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        render_metrics(),
+    )
+        .into_response()
+}
+
 /// Serves /healthz, /readyz and /metrics on `addr` until `shutdown`.
 pub async fn serve_ops(addr: SocketAddr, shutdown: CancellationToken) -> std::io::Result<()> {
     let app = axum::Router::new()
@@ -217,19 +226,7 @@ pub async fn serve_ops(addr: SocketAddr, shutdown: CancellationToken) -> std::io
                 (status, health().describe())
             }),
         )
-        .route(
-            "/metrics",
-            get(|| async {
-                (
-                    [(
-                        header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    render_metrics(),
-                )
-                    .into_response()
-            }),
-        );
+        .route("/metrics", get(|| async { metrics_response() }));
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /healthz, /readyz and /metrics");
     axum::serve(listener, app)

@@ -12,7 +12,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use topup_domain::{mask_token, notification_id, Currency, Money, SubscriberId};
+use topup_domain::{mask_token, notification_id, Currency, Money, SubscriberId, YearMonth};
 use topup_kafka::{
     dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output, Processor,
     Refusal,
@@ -150,20 +150,29 @@ impl<G: PaymentGateway> PaymentWorker<G> {
         };
         let subscriber = charge.subscriber.clone();
         let locale_channels = (charge.command.locale.clone(), charge.command.channels.clone());
-        Ok(match self.advance(charge).await {
+        let command_id = charge.command.command_id.clone();
+        let (step, expired) = self.advance(charge).await;
+        let mut out = match step {
             Step::Later(retry) => {
                 count(&metrics::RETRIES_SCHEDULED);
                 vec![Output::message(topics::PAYMENT_RETRIES, subscriber.as_str(), &*retry)]
             }
             Step::Finished(result) => {
                 metrics::completed(&result);
-                let notification = notify(&result, Some(locale_channels));
+                let notification = notify(&result, Some(locale_channels.clone()));
                 vec![
                     Output::message(topics::RESULTS, subscriber.as_str(), &*result),
                     Output::message(topics::NOTIFICATIONS, subscriber.as_str(), &notification),
                 ]
             }
-        })
+        };
+        // An expired method was skipped: tell the subscriber to update it, whether or not
+        // another method paid.
+        for method in expired {
+            let notification = expired_notice(&subscriber, &command_id, &method, &locale_channels);
+            out.push(Output::message(topics::NOTIFICATIONS, subscriber.as_str(), &notification));
+        }
+        Ok(out)
     }
 
     /// A new command, checked before any money moves.
@@ -243,7 +252,10 @@ impl<G: PaymentGateway> PaymentWorker<G> {
 
     /// Charges method after method from where `charge` stands, until one is approved, all
     /// have failed, or a transient error asks for a later attempt.
-    async fn advance(&self, mut charge: Charge) -> Step {
+    /// Also returns the methods skipped because they have expired.
+    async fn advance(&self, mut charge: Charge) -> (Step, Vec<PaymentMethod>) {
+        let today = now_timestamp().seconds.div_euclid(86_400);
+        let mut expired = Vec::new();
         while let Some(method) = charge.command.payment_methods.get(charge.method_index).cloned() {
             let index = charge.method_index;
             charge.result.payment_method = Some(PaymentMethod {
@@ -256,6 +268,14 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             if let Some(problem) = currency_mismatch(&method, charge.amount.currency) {
                 charge.result.failure_reason = FailureReason::CurrencyMismatch as i32;
                 charge.result.failure_detail = problem;
+                charge.next_method();
+                continue;
+            }
+            if let Some(problem) = expired_method(&method, today) {
+                tracing::info!(subscriber = %charge.subscriber, method = %mask_token(&method.token), expires = %method.expires, "expired payment method skipped");
+                charge.result.failure_reason = FailureReason::CardExpired as i32;
+                charge.result.failure_detail = problem;
+                expired.push(method);
                 charge.next_method();
                 continue;
             }
@@ -295,14 +315,17 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                         tracing::info!(subscriber = %charge.subscriber, method = %mask_token(&method.token), attempt = charge.attempts_on_method, ?wait, %detail, "transient gateway error; retry parked");
                         charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
                         charge.result.failure_detail = detail;
-                        return Step::Later(Box::new(ChargeRetry {
-                            method_index: u32::try_from(index).unwrap_or(u32::MAX),
-                            attempts_on_method: charge.attempts_on_method,
-                            not_before: Some(timestamp_of(not_before)),
-                            deadline: Some(timestamp_of(charge.deadline)),
-                            result_so_far: Some(charge.result),
-                            command: Some(charge.command),
-                        }));
+                        return (
+                            Step::Later(Box::new(ChargeRetry {
+                                method_index: u32::try_from(index).unwrap_or(u32::MAX),
+                                attempts_on_method: charge.attempts_on_method,
+                                not_before: Some(timestamp_of(not_before)),
+                                deadline: Some(timestamp_of(charge.deadline)),
+                                result_so_far: Some(charge.result),
+                                command: Some(charge.command),
+                            })),
+                            expired,
+                        );
                     }
                     charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
                     charge.result.failure_detail = format!(
@@ -323,7 +346,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             count(&metrics::FAILED);
             tracing::info!(subscriber = %charge.subscriber, command_id = %charge.command.command_id, amount = %charge.amount, reason = reason_code(reason), "top-up failed");
         }
-        Step::Finished(Box::new(charge.result))
+        (Step::Finished(Box::new(charge.result)), expired)
     }
 
     /// Waits until a parked charge is due (bounded by the longest backoff, in case a
@@ -388,6 +411,45 @@ fn currency_mismatch(method: &PaymentMethod, charged: Currency) -> Option<String
         mask_token(&method.token),
         method.currency
     ))
+}
+
+/// Why `method` cannot be charged on UTC day `today` because it has expired, if it has.
+fn expired_method(method: &PaymentMethod, today: i64) -> Option<String> {
+    let expires = YearMonth::parse(&method.expires).ok()?;
+    (expires.end_day() <= today).then(|| {
+        format!("payment method {} expired at the end of {expires}", mask_token(&method.token))
+    })
+}
+
+/// "Your payment method expired: update it", for a method skipped by `command_id`.
+fn expired_notice(
+    subscriber: &SubscriberId,
+    command_id: &str,
+    method: &PaymentMethod,
+    (locale, channels): &(String, Vec<topup_proto::v1::NotificationChannel>),
+) -> NotificationCommand {
+    let kind = NotificationKind::PaymentMethodProblem;
+    let shown =
+        if method.label.is_empty() { mask_token(&method.token) } else { method.label.clone() };
+    let about = format!("{command_id}/expired/{}", mask_token(&method.token));
+    NotificationCommand {
+        notification_id: notification_id(subscriber, &about, kind.as_str_name()),
+        subscriber_id: subscriber.to_string(),
+        kind: kind as i32,
+        locale: locale.clone(),
+        channels: channels.clone(),
+        parameters: [
+            ("method".to_string(), shown),
+            ("reason".to_string(), reason_code(FailureReason::CardExpired).to_string()),
+        ]
+        .into(),
+        urgent: false,
+        created_at: Some(now_timestamp()),
+        command_id: command_id.to_string(),
+        amount: None,
+        balance: None,
+        threshold: None,
+    }
 }
 
 /// Stable reason codes, as the notifier's templates and dashboards know them.
