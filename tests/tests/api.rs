@@ -452,6 +452,23 @@ async fn an_expired_code_is_refused_and_the_rate_limit_holds() -> anyhow::Result
         .await?;
     assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(response.headers().contains_key("retry-after"));
+    // The document the API serves describes every route it has (no token needed).
+    let spec = world.http.get(format!("{}/openapi.yaml", world.base)).send().await?.text().await?;
+    for route in [
+        "/v1/subscribers/{subscriberId}/draft:",
+        "/v1/subscribers/{subscriberId}/draft/confirm:",
+        "/v1/subscribers/{subscriberId}/rule:",
+        "/v1/subscribers/{subscriberId}/rule/activate:",
+        "/v1/subscribers/{subscriberId}/rule/pause:",
+        "/v1/subscribers/{subscriberId}/rule/resume:",
+        "/v1/subscribers/{subscriberId}/history:",
+        "/v1/subscribers/{subscriberId}/history.csv:",
+        "/healthz:",
+        "/readyz:",
+        "/metrics:",
+    ] {
+        assert!(spec.contains(route), "deploy/openapi.yaml has no {route}");
+    }
     // Another subscriber has a budget of their own.
     let (status, _) = world
         .call(
