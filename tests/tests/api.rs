@@ -216,7 +216,13 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
     world.platform.publish_balance("sub-alice", 850, 1).await?;
     let items = world
         .history_until("sub-alice", &alice, |items| {
-            items.len() == 2 && items.iter().all(|i| i["status"] == "succeeded")
+            items.len() == 2
+                && items.iter().all(|i| {
+                    i["status"] == "succeeded"
+                        && i["notifications"].as_array().is_some_and(|n| {
+                            n.contains(&json!("NOTIFICATION_KIND_TOP_UP_SUCCEEDED"))
+                        })
+                })
         })
         .await?;
     assert_eq!(items[0]["trigger"], "threshold", "newest first: {items:?}");
@@ -226,6 +232,11 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
     assert_eq!(item["amount"], json!({ "currency": "CNY", "amountMinor": "5000" }));
     assert_eq!(item["method"], "card •••• 4242");
     assert_eq!(item["trigger"], "threshold");
+    assert_eq!(
+        item["notifications"],
+        json!(["NOTIFICATION_KIND_TOP_UP_STARTED", "NOTIFICATION_KIND_TOP_UP_SUCCEEDED"]),
+        "what Alice was told about it"
+    );
     assert!(item["completedAt"].is_string() && item["issuedAt"].is_string(), "{item}");
 
     // Replay: the command and the result once more. The history consumer reads them (its

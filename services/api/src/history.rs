@@ -1,5 +1,6 @@
 //! The top-up history: a consumer of `topup.commands.v1` and `topup.results.v1` writes one
-//! row per top-up into the database. At least once, and idempotent: a record read twice (a
+//! row per top-up into the database, and of `topup.notifications.v1` what the subscriber was
+//! told about each. At least once, and idempotent: a record read twice (a
 //! restart, a replay) updates the same row to the same values.
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -12,7 +13,8 @@ use tokio_util::sync::CancellationToken;
 use topup_kafka::KafkaArgs;
 use topup_proto::topics;
 use topup_proto::v1::{
-    FailureReason, PaymentMethodKind, TopUpCommand, TopUpResult, TopUpStatus, TopUpTrigger,
+    FailureReason, NotificationCommand, NotificationKind, PaymentMethodKind, TopUpCommand,
+    TopUpResult, TopUpStatus, TopUpTrigger,
 };
 
 use crate::store::{Db, TopUpRow};
@@ -92,6 +94,27 @@ pub fn result_row(result: &TopUpResult) -> Option<TopUpRow> {
 /// Writes one record into the database; `Ok(false)` when the record is not a usable
 /// command or result (logged and skipped).
 async fn apply(db: &Db, topic: &str, payload: &[u8]) -> Result<bool, sqlx::Error> {
+    if topic == topics::NOTIFICATIONS {
+        let Ok(n) = NotificationCommand::decode(payload) else { return Ok(false) };
+        if n.notification_id.is_empty() || n.subscriber_id.is_empty() {
+            return Ok(false);
+        }
+        // Only notifications about a top-up belong to the history.
+        if !n.command_id.is_empty() {
+            let kind = NotificationKind::try_from(n.kind)
+                .map(|k| k.as_str_name().to_string())
+                .unwrap_or_default();
+            db.record_notification(
+                &n.notification_id,
+                &n.subscriber_id,
+                &n.command_id,
+                &kind,
+                millis(n.created_at.as_ref()),
+            )
+            .await?;
+        }
+        return Ok(true);
+    }
     let row = match topic {
         topics::COMMANDS => TopUpCommand::decode(payload).ok().and_then(|c| command_row(&c)),
         topics::RESULTS => TopUpResult::decode(payload).ok().and_then(|r| result_row(&r)),
@@ -118,7 +141,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer = kafka.group_consumer(&group).create()?;
-    consumer.subscribe(&[topics::COMMANDS, topics::RESULTS])?;
+    consumer.subscribe(&[topics::COMMANDS, topics::RESULTS, topics::NOTIFICATIONS])?;
     tracing::info!(%group, "materialising the top-up history");
     loop {
         let message = tokio::select! {

@@ -457,10 +457,13 @@ pub(crate) async fn history(
     let cursor = page.cursor.as_deref().map(decode_cursor).transpose()?;
     let rows = app.db.history(&subscriber, cursor, limit).await?;
     let next = (rows.len() as i64 == limit).then(|| rows.last().map(encode_cursor)).flatten();
-    Ok(Json(json!({
-        "items": rows.iter().map(item_view).collect::<Vec<_>>(),
-        "nextCursor": next,
-    })))
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let mut item = item_view(row);
+        item["notifications"] = json!(app.db.notifications_about(&row.command_id).await?);
+        items.push(item);
+    }
+    Ok(Json(json!({ "items": items, "nextCursor": next })))
 }
 
 fn csv_field(text: &str) -> String {

@@ -300,6 +300,40 @@ impl Db {
         Ok(())
     }
 
+    /// Records that the subscriber was told `kind` about top-up `command_id`. Idempotent.
+    pub async fn record_notification(
+        &self,
+        notification_id: &str,
+        subscriber_id: &str,
+        command_id: &str,
+        kind: &str,
+        created_at_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO notifications (notification_id, subscriber_id, command_id, kind, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (notification_id) DO NOTHING",
+        )
+        .bind(notification_id)
+        .bind(subscriber_id)
+        .bind(command_id)
+        .bind(kind)
+        .bind(created_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The notification kinds sent about `command_id`, oldest first.
+    pub async fn notifications_about(&self, command_id: &str) -> Result<Vec<String>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT kind FROM notifications WHERE command_id = $1 ORDER BY created_at_ms, kind",
+        )
+        .bind(command_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| row.try_get("kind")).collect()
+    }
+
     /// Up to `limit` top-ups of `subscriber`, newest first, after `cursor` (issued at,
     /// command id) when given.
     pub async fn history(
