@@ -95,9 +95,14 @@ impl LabeledCounter {
 
     /// Adds one to the series of `labels`.
     pub fn inc(&self, labels: &[(&'static str, &str)]) {
-        self.prometheus.get_or_create(&owned(labels)).inc();
+        self.inc_by(labels, 1);
+    }
+
+    /// Adds `n` to the series of `labels`.
+    pub fn inc_by(&self, labels: &[(&'static str, &str)], n: u64) {
+        self.prometheus.get_or_create(&owned(labels)).inc_by(n);
         if crate::telemetry::metrics_enabled() {
-            self.otel.add(1, &otel_attributes(labels));
+            self.otel.add(n, &otel_attributes(labels));
         }
     }
 }

@@ -378,17 +378,16 @@ async fn process_batch<P: Processor>(
     }
     producer.begin_transaction()?;
     let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
-    let metrics = crate::ops::pipeline_metrics();
+    // Counted per batch, once it is committed.
+    let mut consumed: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut produced: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut refused: BTreeMap<(&str, String), u64> = BTreeMap::new();
     for ((input, answer), cx) in batch.iter().zip(answers).zip(&spans) {
-        metrics.consumed.inc(&[("service", spec.service), ("topic", &input.topic)]);
+        *consumed.entry(input.topic.as_str()).or_default() += 1;
         let mut out = answer.unwrap_or_else(|Refusal(reason)| {
             crate::telemetry::refused(cx, &reason);
             let class = crate::record::reason_class(&reason);
-            metrics.dead_letters.inc(&[
-                ("service", spec.service),
-                ("topic", &input.topic),
-                ("reason", &class),
-            ]);
+            *refused.entry((input.topic.as_str(), class)).or_default() += 1;
             tracing::warn!(
                 service = spec.service,
                 topic = %input.topic,
@@ -404,7 +403,7 @@ async fn process_batch<P: Processor>(
             let sent = send(producer, output).await;
             crate::telemetry::end(&sending);
             sent?;
-            metrics.produced.inc(&[("service", spec.service), ("topic", output.topic)]);
+            *produced.entry(output.topic).or_default() += 1;
         }
         crate::telemetry::end(cx);
         offsets.insert((input.topic.as_str(), input.partition), input.offset + 1);
@@ -430,6 +429,18 @@ async fn process_batch<P: Processor>(
         let txn = producer.clone();
         let _ = blocking(move || txn.abort_transaction(TXN_TIMEOUT)).await;
         return Err(error);
+    }
+    // Counted before the offsets become visible to the group (tests wait on those).
+    let metrics = crate::ops::pipeline_metrics();
+    for (topic, n) in consumed {
+        metrics.consumed.inc_by(&[("service", spec.service), ("topic", topic)], n);
+    }
+    for (topic, n) in produced {
+        metrics.produced.inc_by(&[("service", spec.service), ("topic", topic)], n);
+    }
+    for ((topic, class), n) in refused {
+        let labels = [("service", spec.service), ("topic", topic), ("reason", class.as_str())];
+        metrics.dead_letters.inc_by(&labels, n);
     }
     // The same offsets again, as a plain commit. On a real broker this is redundant: the
     // transaction committed them. librdkafka's mock cluster acknowledges the transactional
