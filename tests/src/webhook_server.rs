@@ -34,6 +34,12 @@ struct Book {
     dead: Vec<String>,
     /// Requests per destination, accepted or not.
     requests: HashMap<String, u32>,
+    /// Destinations whose next request is answered only after this long.
+    slow: HashMap<String, std::time::Duration>,
+    /// Slow requests answered so far.
+    slow_answered: u32,
+    /// Messages accepted before the first slow request was answered.
+    accepted_before_slow: u32,
     bad_signatures: u32,
 }
 
@@ -84,6 +90,17 @@ impl WebhookServer {
     /// Answer the next `times` requests for `to` with 503.
     pub fn flaky(&self, to: &str, times: u32) {
         self.shared.book().flaky.insert(to.to_string(), times);
+    }
+
+    /// Answer the next request for `to` only after `delay` (a provider hanging for one
+    /// number once).
+    pub fn slow(&self, to: &str, delay: std::time::Duration) {
+        self.shared.book().slow.insert(to.to_string(), delay);
+    }
+
+    /// Messages accepted before the first slow request was answered.
+    pub fn accepted_before_slow(&self) -> u32 {
+        self.shared.book().accepted_before_slow
     }
 
     /// Answer every request for `to` with 400.
@@ -162,8 +179,17 @@ async fn receive(State(shared): State<Shared>, headers: HeaderMap, body: Bytes) 
     let Ok(message) = serde_json::from_slice::<WebhookBody>(&body) else {
         return StatusCode::BAD_REQUEST;
     };
+    // Slow once: the retry is answered at once.
+    let delay = shared.book().slow.remove(&message.to);
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+        shared.book().slow_answered += 1;
+    }
     let mut book = shared.book();
     *book.requests.entry(message.to.clone()).or_insert(0) += 1;
+    if delay.is_none() && book.slow_answered == 0 {
+        book.accepted_before_slow += 1;
+    }
     if book.dead.contains(&message.to) {
         return StatusCode::BAD_REQUEST;
     }

@@ -385,3 +385,64 @@ async fn quiet_hours_hold_what_can_wait_and_nothing_urgent() -> anyhow::Result<(
     assert_eq!(sink.mails().len(), 1, "only the urgent message went out at night");
     platform.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_provider_hanging_for_one_subscriber_does_not_hold_back_the_others() -> anyhow::Result<()>
+{
+    use topup_kafka::{Input, Processor};
+    let (sink, webhooks) = (SmtpSink::start().await?, WebhookServer::start().await?);
+    // The provider answers one number only after 1.5 s (within the notifier's 2 s timeout).
+    webhooks.slow("+86 13900000000", Duration::from_millis(1500));
+    // One batch, as the pipeline hands it over (a batch is what Kafka had buffered: built
+    // here so that its content is known): the hanging number first, 20 others behind it,
+    // on one partition.
+    let sms = |to: &str| vec![channel(ChannelKind::Sms, to)];
+    let mut notifications = vec![notification(
+        "n-slow",
+        "sub-a-slow",
+        NotificationKind::TopUpFailed,
+        "en",
+        sms("+86 13900000000"),
+    )];
+    for i in 0..20 {
+        let to = format!("+86 1380000{i:04}");
+        let (id, subscriber) = (format!("n-{i}"), format!("sub-x{i}"));
+        notifications.push(notification(
+            &id,
+            &subscriber,
+            NotificationKind::TopUpFailed,
+            "en",
+            sms(&to),
+        ));
+    }
+    let batch: Vec<Input> = notifications
+        .iter()
+        .enumerate()
+        .map(|(offset, n)| Input {
+            topic: topics::NOTIFICATIONS.to_string(),
+            partition: 0,
+            offset: offset as i64,
+            key: Some(n.subscriber_id.clone().into_bytes()),
+            payload: Some(n.encode_to_vec()),
+            timestamp_ms: Some(topup_kafka::now_timestamp().seconds * 1000),
+            headers: Vec::new(),
+        })
+        .collect();
+    let platform = Platform::cluster()?;
+    let config = platform.notifier_config();
+    let mut notifier = topup_notifier::Notifier::new(
+        channels(&sink, &webhooks)?,
+        config.policy(),
+        platform.kafka.clone(),
+    )
+    .with_concurrency(config.concurrency);
+    let answers = tokio::time::timeout(WAIT, notifier.process_batch(&batch)).await?;
+    assert_eq!(answers.len(), batch.len());
+    for answer in &answers {
+        assert!(answer.is_ok(), "{answer:?}");
+    }
+    // Every message went out, the others before the hanging one was answered.
+    assert_eq!(webhooks.accepted().len(), 21);
+    assert_eq!(webhooks.accepted_before_slow(), 20, "some waited for the hanging one");
+    Ok(())
+}

@@ -121,6 +121,11 @@ pub struct Config {
     #[arg(long, env = "DEDUP_WINDOW_HOURS", default_value_t = 72)]
     pub dedup_window_hours: u64,
 
+    /// Subscribers delivered to at once within a batch (each subscriber's messages stay in
+    /// order).
+    #[arg(long = "notifier-concurrency", env = "NOTIFIER_CONCURRENCY", default_value_t = 16)]
+    pub concurrency: usize,
+
     /// Key shared with topup-api to open confirmation codes (64 hex digits); without it,
     /// confirmation-code notifications go to the DLQ.
     #[arg(long, env = "CONFIRMATION_CODE_KEY", hide_env_values = true, value_parser = parse_code_key)]
@@ -171,6 +176,7 @@ impl Config {
             dedup_window_hours: 72,
             confirmation_code_key: None,
             confirmation_code_key_file: None,
+            concurrency: 16,
         }
     }
 
@@ -292,9 +298,14 @@ pub async fn run<C: Channel + Clone>(
     };
     let kafka = config.kafka.clone();
     let key = config.code_key().map_err(|e| topup_kafka::Error::Config(format!("{e:#}")))?;
+    let concurrency = config.concurrency;
     run_pipeline(
         spec,
-        || Notifier::new(channel.clone(), policy.clone(), kafka.clone()).with_code_key(key.clone()),
+        || {
+            Notifier::new(channel.clone(), policy.clone(), kafka.clone())
+                .with_code_key(key.clone())
+                .with_concurrency(concurrency)
+        },
         shutdown,
     )
     .await

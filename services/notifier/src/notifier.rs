@@ -8,7 +8,9 @@
 //! notification), so de-duplication and rate limits hold across restarts. Messages held
 //! over quiet hours and channels waiting for a retry are in it too; the pipeline's tick
 //! sends them when due.
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use futures::StreamExt;
 use std::time::SystemTime;
 
 use topup_domain::{mask_contact, CodeKey, SubscriberId};
@@ -27,6 +29,9 @@ use crate::metrics::{self, count};
 use crate::policy::{Admission, Policy};
 use crate::templates::render;
 
+/// One delivery of a batch: the answer it belongs to, its receipts, what is left to retry.
+type Delivered = (usize, Vec<Output>, Option<Pending>);
+
 /// The notifier's processor.
 pub struct Notifier<C> {
     channel: C,
@@ -36,6 +41,8 @@ pub struct Notifier<C> {
     next_due: Option<SystemTime>,
     /// Opens the sealed codes of confirmation-code notifications.
     code_key: Option<CodeKey>,
+    /// Subscribers delivered to at once within a batch.
+    concurrency: usize,
 }
 
 use topup_domain::SEALED_CODE_PARAMETER as SEALED_CODE;
@@ -139,7 +146,14 @@ impl<C: Channel> Notifier<C> {
             store: StateStore::new(kafka, topics::NOTIFIER_STATE, apply_whole),
             next_due: None,
             code_key: None,
+            concurrency: 16,
         }
+    }
+
+    /// Delivers to at most `n` subscribers at once (default 16).
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
     }
 
     /// Opens confirmation codes with `key` (without one, they are refused to the DLQ).
@@ -263,6 +277,60 @@ impl<C: Channel> Notifier<C> {
         }
     }
 
+    /// Checks `n` against the subscriber's history and records what was decided; receipts
+    /// for what is not delivered now go to `out`. Returns what to deliver now.
+    fn admit(
+        &mut self,
+        input: &Input,
+        n: &NotificationCommand,
+        out: &mut Vec<Output>,
+    ) -> Option<Pending> {
+        // The record's time, so that a replay decides the same way.
+        let now = system_time(&input.time());
+        let states = self.store.partition_mut(input.partition);
+        let mut state = states.remove(&n.subscriber_id).unwrap_or_else(|| SubscriberDeliveries {
+            subscriber_id: n.subscriber_id.clone(),
+            ..Default::default()
+        });
+        let mut deliver = None;
+        match self.policy.admit(&state, n, now) {
+            Admission::Duplicate => out.push(suppressed(n, "duplicate notification id")),
+            Admission::RateLimited(reason) => {
+                self.policy.remember(&mut state, n, false, now);
+                out.push(suppressed(n, &reason));
+            }
+            _ if n.channels.is_empty() => {
+                self.policy.remember(&mut state, n, false, now);
+                out.push(suppressed(n, "subscriber has no notification channel"));
+            }
+            Admission::Deferred { until, zone } => {
+                count(&metrics::DEFERRED);
+                self.policy.remember(&mut state, n, true, now);
+                let until_text = chrono::DateTime::<chrono::Utc>::from(until).with_timezone(&zone);
+                out.push(receipt(
+                    n,
+                    ChannelKind::Unspecified,
+                    DeliveryStatus::Deferred,
+                    0,
+                    String::new(),
+                    format!(
+                        "quiet hours in {zone}: held until {}",
+                        until_text.format("%Y-%m-%d %H:%M %Z")
+                    ),
+                ));
+                let pending = all_channels(n, until);
+                self.schedule(&pending);
+                state.pending.push(pending);
+            }
+            Admission::Deliver => {
+                self.policy.remember(&mut state, n, true, now);
+                deliver = Some(all_channels(n, now));
+            }
+        }
+        self.store.partition_mut(input.partition).insert(n.subscriber_id.clone(), state);
+        deliver
+    }
+
     fn schedule(&mut self, pending: &Pending) {
         if let Some(due) = pending.due.as_ref().map(system_time) {
             self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
@@ -283,60 +351,74 @@ impl<C: Channel> Processor for Notifier<C> {
     }
 
     async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
-        let n = validate(input, self.code_key.as_ref())
-            .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
-        // The record's time, so that a replay decides the same way.
-        let now = system_time(&input.time());
-        let states = self.store.partition_mut(input.partition);
-        let mut state = states.remove(&n.subscriber_id).unwrap_or_else(|| SubscriberDeliveries {
-            subscriber_id: n.subscriber_id.clone(),
-            ..Default::default()
-        });
-        let before = state.clone();
-        match self.policy.admit(&state, &n, now) {
-            Admission::Duplicate => out.push(suppressed(&n, "duplicate notification id")),
-            Admission::RateLimited(reason) => {
-                self.policy.remember(&mut state, &n, false, now);
-                out.push(suppressed(&n, &reason));
-            }
-            _ if n.channels.is_empty() => {
-                self.policy.remember(&mut state, &n, false, now);
-                out.push(suppressed(&n, "subscriber has no notification channel"));
-            }
-            Admission::Deferred { until, zone } => {
-                count(&metrics::DEFERRED);
-                self.policy.remember(&mut state, &n, true, now);
-                let until_text = chrono::DateTime::<chrono::Utc>::from(until).with_timezone(&zone);
-                out.push(receipt(
-                    &n,
-                    ChannelKind::Unspecified,
-                    DeliveryStatus::Deferred,
-                    0,
-                    String::new(),
-                    format!(
-                        "quiet hours in {zone}: held until {}",
-                        until_text.format("%Y-%m-%d %H:%M %Z")
-                    ),
-                ));
-                let pending = all_channels(&n, until);
-                self.schedule(&pending);
-                state.pending.push(pending);
-            }
-            Admission::Deliver => {
-                self.policy.remember(&mut state, &n, true, now);
-                if let Some(left) =
-                    self.attempt(all_channels(&n, now), SystemTime::now(), out).await
-                {
+        let answer = self.process_batch(std::slice::from_ref(input)).await.pop();
+        out.extend(answer.unwrap_or_else(|| Ok(Vec::new()))?);
+        Ok(())
+    }
+
+    /// Decides every record in order (policy and history, which are quick), then delivers:
+    /// different subscribers at once (at most `concurrency`), each subscriber's messages one
+    /// after the other in their order. A subscriber's history is written once per batch,
+    /// with the answer of their last record (the batch commits as one transaction).
+    async fn process_batch(&mut self, batch: &[Input]) -> Vec<Result<Vec<Output>, Refusal>> {
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut before: HashMap<(i32, String), Option<SubscriberDeliveries>> = HashMap::new();
+        let mut last_of: HashMap<(i32, String), usize> = HashMap::new();
+        let mut deliveries: BTreeMap<(i32, String), Vec<(usize, Pending)>> = BTreeMap::new();
+        for (index, input) in batch.iter().enumerate() {
+            let answer = validate(input, self.code_key.as_ref())
+                .inspect_err(|_| count(&metrics::DEAD_LETTERS))
+                .map(|n| {
+                    let key = (input.partition, n.subscriber_id.clone());
+                    before.entry(key.clone()).or_insert_with(|| {
+                        self.store.partition_mut(input.partition).get(&n.subscriber_id).cloned()
+                    });
+                    last_of.insert(key.clone(), index);
+                    let mut out = Vec::new();
+                    if let Some(pending) = self.admit(input, &n, &mut out) {
+                        deliveries.entry(key).or_default().push((index, pending));
+                    }
+                    out
+                });
+            answers.push(answer);
+        }
+        let this = &*self;
+        let delivered: Vec<((i32, String), Vec<Delivered>)> =
+            futures::stream::iter(deliveries.into_iter().map(|(key, jobs)| async move {
+                let mut done = Vec::with_capacity(jobs.len());
+                for (index, pending) in jobs {
+                    let mut out = Vec::new();
+                    let left = this.attempt(pending, SystemTime::now(), &mut out).await;
+                    done.push((index, out, left));
+                }
+                (key, done)
+            }))
+            .buffer_unordered(self.concurrency)
+            .collect()
+            .await;
+        for ((partition, subscriber), done) in delivered {
+            for (index, out, left) in done {
+                if let Some(Ok(outputs)) = answers.get_mut(index) {
+                    outputs.extend(out);
+                }
+                if let Some(left) = left {
                     self.schedule(&left);
-                    state.pending.push(left);
+                    if let Some(state) = self.store.partition_mut(partition).get_mut(&subscriber) {
+                        state.pending.push(left);
+                    }
                 }
             }
         }
-        if state != before {
-            out.push(self.store.record(input.partition, &n.subscriber_id, &state));
+        for (key, index) in last_of {
+            let (partition, subscriber) = &key;
+            let now = self.store.partition_mut(*partition).get(subscriber).cloned();
+            if now.is_some() && before.get(&key).cloned().flatten() != now {
+                if let (Some(state), Some(Ok(outputs))) = (now, answers.get_mut(index)) {
+                    outputs.push(self.store.record(*partition, subscriber, &state));
+                }
+            }
         }
-        self.store.partition_mut(input.partition).insert(n.subscriber_id.clone(), state);
-        Ok(())
+        answers
     }
 
     async fn tick(&mut self, now: SystemTime) -> Vec<Output> {
