@@ -25,6 +25,7 @@ struct World {
     sms: WebhookServer,
     base: String,
     http: reqwest::Client,
+    api: topup_api::Running,
 }
 
 fn token(subscriber: &str, role: Role) -> String {
@@ -83,7 +84,17 @@ impl World {
             sms,
             base: format!("http://{}", api.addr),
             http: reqwest::Client::new(),
+            api,
         })
+    }
+
+    /// Stops the API (its history consumer leaves the group while Kafka is still there),
+    /// then the services.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.platform.shutdown.cancel();
+        drop(self.http);
+        tokio::time::timeout(WAIT, self.api.task).await???;
+        self.platform.stop().await
     }
 
     async fn call(
@@ -290,7 +301,7 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
     assert_eq!(status, StatusCode::NO_CONTENT);
     let (status, _) = world.call(Method::GET, &path("/rule"), Some(&alice), None).await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    world.platform.stop().await
+    world.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,7 +439,7 @@ async fn codes_expire_and_lock_and_bad_requests_get_clear_errors() -> anyhow::Re
         issue(b"not the secret, but just as long as it", "sub-dave", Role::Subscriber, 60)?;
     let (status, _) = world.call(Method::GET, &dave_path("/rule"), Some(&forged), None).await?;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
-    world.platform.stop().await
+    world.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -490,7 +501,7 @@ async fn an_expired_code_is_refused_and_the_rate_limit_holds() -> anyhow::Result
         )
         .await?;
     assert_eq!(status, StatusCode::NOT_FOUND);
-    world.platform.stop().await
+    world.stop().await
 }
 
 /// The history store on both databases: newest first, cursor pages, idempotent records in

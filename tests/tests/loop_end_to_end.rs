@@ -15,6 +15,9 @@ async fn a_drop_below_threshold_gets_exactly_one_command_one_charge_and_notifica
 ) -> anyhow::Result<()> {
     let platform = Platform::start()?;
     platform.publish_rule(rule("sub-a", "tok_approve_4242", RuleState::Active)).await?;
+    // The rule first: records of different topics have no order between them, and a rule
+    // that lands after the low balances fires at once for the latest (sequence 3, not 2).
+    platform.wait_caught_up("topup-evaluator", &[topics::RULES]).await?;
     platform.publish_balance("sub-a", 2000, 1).await?;
     platform.publish_balance("sub-a", 800, 2).await?; // crossing: fires
     platform.publish_balance("sub-a", 700, 3).await?; // still below, top-up in flight: nothing

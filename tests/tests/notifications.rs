@@ -271,6 +271,8 @@ async fn a_burst_of_low_balance_events_gives_one_reminder() -> anyhow::Result<()
     // A paused rule: no top-up, but a reminder on every crossing of its 10.00 threshold.
     let subscriber = "sub-burst";
     platform.publish_rule(rule(subscriber, "tok_ok", RuleState::Paused)).await?;
+    // The rule first (records of different topics have no order between them).
+    platform.wait_caught_up("topup-evaluator", &[topics::RULES]).await?;
     for sequence in 1..=100u64 {
         let balance = if sequence % 2 == 1 { 900 } else { 1100 };
         platform.publish_balance(subscriber, balance, sequence).await?;

@@ -55,7 +55,7 @@ async fn a_monthly_top_up_is_charged_once_a_month_even_across_a_restart() -> any
     // tick). A second subscriber's monthly top-up shows that it has ticked.
     stop.cancel();
     tokio::time::timeout(WAIT, first).await???;
-    let (_stop, _second) = evaluator(&platform);
+    let (stop, second) = evaluator(&platform);
     platform.publish_rule(monthly("sub-monthly-2")).await?;
     commands
         .wait_for("the second subscriber's monthly top-up", is_monthly("sub-monthly-2"))
@@ -81,6 +81,9 @@ async fn a_monthly_top_up_is_charged_once_a_month_even_across_a_restart() -> any
     assert_eq!(result.status, TopUpStatus::Succeeded as i32);
     assert_eq!(result.amount, Some(cny(3000)));
     assert_eq!(platform.gateway.charges().get(&result.idempotency_key), Some(&1), "charged once");
+    // Stopped while Kafka is still there (it is not one of the platform's services).
+    stop.cancel();
+    tokio::time::timeout(WAIT, second).await???;
     platform.stop().await
 }
 
@@ -92,7 +95,7 @@ async fn expiring_methods_are_reminded_once_and_expired_ones_skipped_with_a_word
         topup_payment_worker::Config::new(platform.kafka.clone()),
         platform.gateway.clone(),
     );
-    let (_stop, _evaluator) = evaluator(&platform);
+    let (stop, running) = evaluator(&platform);
     let this_month = YearMonth::of_day(today().0).to_string();
     let mut r = rule("sub-cards", "tok_approve_4242", RuleState::Active);
     r.payment_methods = vec![
@@ -156,5 +159,7 @@ async fn expiring_methods_are_reminded_once_and_expired_ones_skipped_with_a_word
         .map(|n| n.notification_id)
         .collect();
     assert_eq!(reminders.len(), 1);
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await???;
     platform.stop().await
 }
