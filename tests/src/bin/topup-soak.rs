@@ -83,7 +83,7 @@ fn spawn(
         .env("WEBHOOK_SECRET", topup_tests::webhook_server::SECRET)
         .env("DELIVERY_INITIAL_BACKOFF_MS", "200")
         .env("QUIET_HOURS", "off")
-        .env("RUST_LOG", "error")
+        .env("RUST_LOG", std::env::var("SOAK_CHILD_LOG").unwrap_or_else(|_| "error".into()))
         .stdout(Stdio::null())
         .kill_on_drop(true)
         .spawn()
