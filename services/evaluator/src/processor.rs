@@ -366,4 +366,70 @@ mod tests {
         assert!(apply_record(&mut states, "sub-4 rule", Some(b"\xff\xff")).is_err());
         assert!(!states.contains_key("sub-4"));
     }
+
+    fn input(topic: &str, offset: i64, key: &str, payload: Vec<u8>) -> Input {
+        Input {
+            topic: topic.to_string(),
+            partition: 0,
+            offset,
+            key: Some(key.as_bytes().to_vec()),
+            payload: Some(payload),
+            timestamp_ms: Some(1_764_000_000_000),
+            headers: Vec::new(),
+        }
+    }
+
+    /// A crash after the state was written but before the command was (on a broker that shows
+    /// uncommitted records): the restored evaluator, reading the same records again, issues
+    /// the same command again.
+    #[test]
+    fn a_state_restored_from_an_unfinished_batch_issues_its_command_again() {
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            let kafka = KafkaArgs::new("unused:9092");
+            let settings = Settings { reminder_level_minor: 500 };
+            let rule = wire::RuleUpdated { rule: Some(raw_rule("sub-1")), updated_at: None };
+            let balance = |seq: u64, minor: i64| {
+                wire::BalanceUpdated {
+                    subscriber_id: "sub-1".into(),
+                    balance: Some(wire::Money { currency: "CNY".into(), amount_minor: minor }),
+                    sequence: seq,
+                    ..Default::default()
+                }
+                .encode_to_vec()
+            };
+            let records = vec![
+                input(topics::RULES, 0, "sub-1", rule.encode_to_vec()),
+                input(topics::BALANCE, 10, "sub-1", balance(1, 1500)),
+                input(topics::BALANCE, 11, "sub-1", balance(2, 500)),
+                input(topics::BALANCE, 12, "sub-1", balance(3, 450)),
+            ];
+            let mut first = Evaluator::new(kafka.clone(), settings);
+            let mut out = Vec::new();
+            for record in &records {
+                first.process(record, &mut out).await.unwrap();
+            }
+            let issued: Vec<_> = out.iter().filter(|o| o.topic == topics::COMMANDS).collect();
+            assert_eq!(issued.len(), 1);
+            // Only the changelog survived: restore it, then read the balances again.
+            let mut second = Evaluator::new(kafka, settings);
+            for o in out.iter().filter(|o| o.topic == topics::EVALUATOR_STATE) {
+                let key = String::from_utf8(o.key.clone()).unwrap();
+                apply_record(second.store.partition_mut(0), &key, o.payload.as_deref()).unwrap();
+            }
+            let mut again = Vec::new();
+            for record in &records[1..] {
+                second.process(record, &mut again).await.unwrap();
+            }
+            let reissued: Vec<_> = again.iter().filter(|o| o.topic == topics::COMMANDS).collect();
+            assert_eq!(reissued.len(), 1, "the command again");
+            // The same command (its issued_at aside): the same id, so the same idempotency key.
+            let id = |o: &Output| {
+                wire::TopUpCommand::decode(o.payload.as_deref().unwrap_or_default())
+                    .unwrap()
+                    .command_id
+            };
+            assert_eq!(id(reissued[0]), id(issued[0]));
+        });
+    }
 }
