@@ -201,9 +201,7 @@ fn router(app: App) -> axum::Router {
             "/v1/subscribers/{subscriber}/rule",
             get(routes::get_rule).delete(routes::delete_rule),
         )
-        .route("/v1/subscribers/{subscriber}/rule/activate", post(routes::activate))
-        .route("/v1/subscribers/{subscriber}/rule/pause", post(routes::pause))
-        .route("/v1/subscribers/{subscriber}/rule/resume", post(routes::resume))
+        .route("/v1/subscribers/{subscriber}/rule/{action}", post(routes::change_rule))
         .route("/v1/subscribers/{subscriber}/history", get(routes::history))
         .route("/v1/subscribers/{subscriber}/history.csv", get(routes::history_csv))
         .layer(DefaultBodyLimit::max(max_body))

@@ -353,36 +353,28 @@ async fn transition(
     Ok(rule)
 }
 
-/// `POST /v1/subscribers/{id}/rule/activate`.
-pub(crate) async fn activate(
-    State(app): State<App>,
-    Path(subscriber): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    let from = [RuleState::Confirmed, RuleState::Paused];
-    let rule = transition(&app, &subscriber, &headers, &from, RuleState::Active).await?;
-    Ok(Json(rule_view(&rule, now_ms())))
-}
+/// What `POST /v1/subscribers/{id}/rule/{action}` does: the states it applies in, the
+/// state it leads to.
+const ACTIONS: &[(&str, &[RuleState], RuleState)] = &[
+    ("activate", &[RuleState::Confirmed, RuleState::Paused], RuleState::Active),
+    ("pause", &[RuleState::Active], RuleState::Paused),
+    ("resume", &[RuleState::Paused], RuleState::Active),
+];
 
-/// `POST /v1/subscribers/{id}/rule/pause`.
-pub(crate) async fn pause(
+/// `POST /v1/subscribers/{id}/rule/activate` | `pause` | `resume`.
+pub(crate) async fn change_rule(
     State(app): State<App>,
-    Path(subscriber): Path<String>,
+    Path((subscriber, action)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Json<Value>, ApiError> {
-    let rule =
-        transition(&app, &subscriber, &headers, &[RuleState::Active], RuleState::Paused).await?;
-    Ok(Json(rule_view(&rule, now_ms())))
-}
-
-/// `POST /v1/subscribers/{id}/rule/resume`.
-pub(crate) async fn resume(
-    State(app): State<App>,
-    Path(subscriber): Path<String>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    let rule =
-        transition(&app, &subscriber, &headers, &[RuleState::Paused], RuleState::Active).await?;
+    let Some((_, from, to)) = ACTIONS.iter().find(|(name, _, _)| *name == action) else {
+        // Authenticated like any request before it is told there is no such action.
+        app.gate.admit(&headers)?;
+        return Err(ApiError::not_found(format!(
+            "no action {action:?}: activate, pause or resume"
+        )));
+    };
+    let rule = transition(&app, &subscriber, &headers, from, *to).await?;
     Ok(Json(rule_view(&rule, now_ms())))
 }
 
