@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime};
 
 use futures::FutureExt;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, ConsumerGroupMetadata, Rebalance,
+    StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -21,8 +22,13 @@ use tokio_util::sync::CancellationToken;
 use crate::record::{dead_letter, Input, Output};
 use crate::{Error, KafkaArgs, Result};
 
-/// How long a transactional call may block before the incarnation is given up.
-const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much longer than its own timeout a transactional call may take before this side
+/// stops waiting for it (see [`Txn::call`]).
+const TXN_GRACE: Duration = Duration::from_secs(5);
+
+/// How long closing an incarnation's clients is waited for before they are left to close in
+/// the background.
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a record was not used: it goes to the dead-letter topic with this reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,10 +216,99 @@ where
     Ok(())
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> std::result::Result<T, KafkaError> + Send + 'static,
-) -> Result<T> {
-    Ok(tokio::task::spawn_blocking(f).await??)
+/// An incarnation's transactional producer, every blocking call of it bounded.
+///
+/// librdkafka's transactional calls take a timeout, and librdkafka 2.12 does not always keep
+/// it: `send_offsets_to_transaction` waits for as long as the group coordinator is
+/// unreachable (librdkafka issue #5456, the coordinator request's own timeout is never
+/// checked). Measured here: after a mock broker was down for 2 s, an evaluator waited 5
+/// minutes in that call, consuming nothing, until librdkafka's max.poll.interval.ms made the
+/// consumer leave the group. So this side stops waiting after the call's timeout plus a
+/// grace: the incarnation ends (its outputs were never committed, so its records are read
+/// again by the next one), the stuck call keeps its thread and the producer until librdkafka
+/// lets go, and nothing more is asked of that producer.
+///
+/// The calls run one after the other on a thread of the incarnation's own rather than on
+/// tokio's blocking pool: a runtime waits for its blocking tasks when it shuts down, so a
+/// call stuck there would also keep the process from exiting.
+struct Txn {
+    producer: Arc<BaseProducer>,
+    /// Timeout given to each call; librdkafka caps it at `transaction.timeout.ms` anyway.
+    timeout: Duration,
+    calls: std::sync::mpsc::Sender<TxnCall>,
+}
+
+type TxnCall = Box<dyn FnOnce() + Send>;
+
+impl Txn {
+    fn new(producer: BaseProducer, kafka: &KafkaArgs) -> Result<Self> {
+        let timeout = Duration::from_millis(u64::from(kafka.transaction_timeout_ms));
+        let (calls, queue) = std::sync::mpsc::channel::<TxnCall>();
+        // Ends when the `Txn` is dropped and the call at hand (if any) has returned.
+        std::thread::Builder::new()
+            .name("kafka-txn".into())
+            .spawn(move || queue.into_iter().for_each(|call| call()))
+            .map_err(|e| Error::Config(format!("cannot start a thread: {e}")))?;
+        Ok(Self { producer: Arc::new(producer), timeout, calls })
+    }
+
+    /// Runs `f` on the transaction thread; gives up waiting after the call's timeout and a
+    /// grace.
+    async fn call<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&BaseProducer, Duration) -> std::result::Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T> {
+        let (producer, timeout) = (self.producer.clone(), self.timeout);
+        let limit = timeout + TXN_GRACE;
+        let given_up = || {
+            Error::Timeout(format!(
+                "{what} did not return within {limit:?}; this producer is given up"
+            ))
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        self.calls
+            .send(Box::new(move || {
+                let _ = answer.send(f(&producer, timeout));
+            }))
+            .map_err(|_| given_up())?;
+        match tokio::time::timeout(limit, answered).await {
+            Ok(Ok(result)) => Ok(result?),
+            // Too slow, or the thread is gone (a call before this one panicked).
+            Ok(Err(_)) | Err(_) => Err(given_up()),
+        }
+    }
+
+    /// Aborts the open transaction; a failure here changes nothing (the incarnation ends
+    /// anyway, and the broker aborts what is left open after `transaction.timeout.ms`).
+    async fn abort(&self) {
+        if let Err(error) = self.call("abort_transaction", |p, t| p.abort_transaction(t)).await {
+            tracing::warn!(%error, "aborting the transaction failed");
+        }
+    }
+
+    /// Waits for every record sent to be acknowledged, then commits; aborts on failure.
+    async fn finish(
+        &self,
+        offsets: Option<(TopicPartitionList, ConsumerGroupMetadata)>,
+    ) -> Result<()> {
+        let mut finished =
+            self.call("delivery of the transaction's records", wait_for_deliveries).await;
+        if let (Ok(()), Some((offsets, metadata))) = (&finished, offsets) {
+            finished = self
+                .call("send_offsets_to_transaction", move |p, t| {
+                    p.send_offsets_to_transaction(&offsets, &metadata, t)
+                })
+                .await;
+        }
+        if finished.is_ok() {
+            finished = self.call("commit_transaction", |p, t| p.commit_transaction(t)).await;
+        }
+        if finished.is_err() {
+            self.abort().await;
+        }
+        finished
+    }
 }
 
 async fn run_incarnation<P: Processor>(
@@ -228,15 +323,40 @@ async fn run_incarnation<P: Processor>(
         .kafka
         .group_consumer(&spec.group_id)
         .create_with_context(RebalanceLog { service: spec.service, ..RebalanceLog::default() })?;
-    let producer: Arc<BaseProducer> = Arc::new(
+    let txn = Txn::new(
         spec.kafka
             .transactional_producer(&format!("{}-{incarnation}", spec.transactional_id))
             .create()?,
-    );
-    {
-        let producer = producer.clone();
-        blocking(move || producer.init_transactions(TXN_TIMEOUT)).await?;
+        &spec.kafka,
+    )?;
+    let served = serve(spec, &consumer, &txn, &mut processor, shutdown).await;
+    // Closing a client can block in librdkafka as long as a coordinator is unreachable (the
+    // consumer leaves its group, the producer finishes what it has in flight): close them on
+    // a thread of their own and wait a bounded time, so a stuck close can stall neither the
+    // next incarnation nor the process's exit.
+    let (closed, closing) = tokio::sync::oneshot::channel();
+    let closer = std::thread::Builder::new().name("kafka-close".into()).spawn(move || {
+        drop((consumer, txn));
+        let _ = closed.send(());
+    });
+    if closer.is_err() || tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
+        tracing::warn!(
+            service = spec.service,
+            "Kafka clients still closing; left to finish in the background"
+        );
     }
+    served
+}
+
+/// One incarnation's loop, until shutdown or a Kafka failure.
+async fn serve<P: Processor>(
+    spec: &PipelineSpec,
+    consumer: &StreamConsumer<RebalanceLog>,
+    txn: &Txn,
+    processor: &mut P,
+    shutdown: &CancellationToken,
+) -> Result<()> {
+    txn.call("init_transactions", |p, t| p.init_transactions(t)).await?;
     consumer.subscribe(&spec.inputs)?;
     tracing::info!(service = spec.service, inputs = ?spec.inputs, group = %spec.group_id, "pipeline started");
 
@@ -255,13 +375,13 @@ async fn run_incarnation<P: Processor>(
             // Between batches too: the processor's state matches what is committed.
             _ = housekeeping.tick() => {
                 // Partitions revoked meanwhile must not be acted on by this instance.
-                apply_rebalances(spec, &consumer, &mut processor).await?;
+                apply_rebalances(spec, consumer, processor).await?;
                 if let Some(every) = spec.tick_every {
                     if last_tick.elapsed() >= every {
                         last_tick = tokio::time::Instant::now();
                         let out = processor.tick(SystemTime::now()).await;
                         if !out.is_empty() {
-                            commit_outputs(&producer, &out).await?;
+                            commit_outputs(txn, &out).await?;
                         }
                     }
                 }
@@ -290,17 +410,17 @@ async fn run_incarnation<P: Processor>(
                 None => break,
             }
         }
-        if apply_rebalances(spec, &consumer, &mut processor).await? {
+        if apply_rebalances(spec, consumer, processor).await? {
             // A rebalance happened while the batch was read. Records read before it belong
             // to the old assignment: drop them, they are fetched again from the committed
             // offset by whoever owns their partition now. Keep only what came after.
-            let owned = current_partitions(&consumer)?;
+            let owned = current_partitions(consumer)?;
             batch.retain(|input| owned.contains(&input.partition));
             if batch.is_empty() {
                 continue;
             }
         }
-        process_batch(spec, &consumer, &producer, &mut processor, &batch).await?;
+        process_batch(spec, consumer, txn, processor, &batch).await?;
         tracing::debug!(service = spec.service, records = batch.len(), "batch committed");
     }
     tracing::info!(service = spec.service, "pipeline stopped");
@@ -332,22 +452,15 @@ async fn apply_rebalances<P: Processor>(
 }
 
 /// Produces `outputs` in a transaction of their own (no input offsets).
-async fn commit_outputs(producer: &Arc<BaseProducer>, outputs: &[Output]) -> Result<()> {
-    producer.begin_transaction()?;
+async fn commit_outputs(txn: &Txn, outputs: &[Output]) -> Result<()> {
+    txn.producer.begin_transaction()?;
     for output in outputs {
-        send(producer, output).await?;
+        if let Err(error) = send(&txn.producer, output).await {
+            txn.abort().await;
+            return Err(error);
+        }
     }
-    let txn = producer.clone();
-    let committed = blocking(move || {
-        wait_for_deliveries(&txn)?;
-        txn.commit_transaction(TXN_TIMEOUT)
-    });
-    if let Err(error) = committed.await {
-        let txn = producer.clone();
-        let _ = blocking(move || txn.abort_transaction(TXN_TIMEOUT)).await;
-        return Err(error);
-    }
-    Ok(())
+    txn.finish(None).await
 }
 
 fn current_partitions(consumer: &StreamConsumer<RebalanceLog>) -> Result<BTreeSet<i32>> {
@@ -357,7 +470,7 @@ fn current_partitions(consumer: &StreamConsumer<RebalanceLog>) -> Result<BTreeSe
 async fn process_batch<P: Processor>(
     spec: &PipelineSpec,
     consumer: &StreamConsumer<RebalanceLog>,
-    producer: &Arc<BaseProducer>,
+    txn: &Txn,
     processor: &mut P,
     batch: &[Input],
 ) -> Result<()> {
@@ -376,7 +489,7 @@ async fn process_batch<P: Processor>(
             batch.len()
         )));
     }
-    producer.begin_transaction()?;
+    txn.producer.begin_transaction()?;
     let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     // Counted per batch, once it is committed.
     let mut consumed: BTreeMap<&str, u64> = BTreeMap::new();
@@ -400,9 +513,12 @@ async fn process_batch<P: Processor>(
         });
         for output in &mut out {
             let sending = crate::telemetry::send_span(cx, output);
-            let sent = send(producer, output).await;
+            let sent = send(&txn.producer, output).await;
             crate::telemetry::end(&sending);
-            sent?;
+            if let Err(error) = sent {
+                txn.abort().await;
+                return Err(error);
+            }
             *produced.entry(output.topic).or_default() += 1;
         }
         crate::telemetry::end(cx);
@@ -415,21 +531,9 @@ async fn process_batch<P: Processor>(
     let metadata = consumer
         .group_metadata()
         .ok_or_else(|| Error::Timeout("consumer has no group metadata yet".into()))?;
-    let txn = producer.clone();
-    let offsets = list.clone();
-    let committed = blocking(move || {
-        wait_for_deliveries(&txn)?;
-        txn.send_offsets_to_transaction(&offsets, &metadata, TXN_TIMEOUT)?;
-        txn.commit_transaction(TXN_TIMEOUT)
-    })
-    .await;
-    if let Err(error) = committed {
-        // The outputs are discarded and the offsets not advanced; the processor's memory
-        // is now ahead of Kafka, so this incarnation ends and the next one restores it.
-        let txn = producer.clone();
-        let _ = blocking(move || txn.abort_transaction(TXN_TIMEOUT)).await;
-        return Err(error);
-    }
+    // On failure the outputs are discarded and the offsets not advanced; the processor's
+    // memory is now ahead of Kafka, so this incarnation ends and the next one restores it.
+    txn.finish(Some((list.clone(), metadata))).await?;
     // Counted before the offsets become visible to the group (tests wait on those).
     let metrics = crate::ops::pipeline_metrics();
     for (topic, n) in consumed {
@@ -457,8 +561,11 @@ async fn process_batch<P: Processor>(
 /// its wait only ends on a 100 ms timer: measured here, every transaction took 100 ms
 /// however small. Polling the reports without blocking ends the wait as soon as the
 /// broker has acknowledged (1–5 ms per batch on the mock cluster).
-fn wait_for_deliveries(producer: &BaseProducer) -> std::result::Result<(), KafkaError> {
-    let deadline = std::time::Instant::now() + TXN_TIMEOUT;
+fn wait_for_deliveries(
+    producer: &BaseProducer,
+    timeout: Duration,
+) -> std::result::Result<(), KafkaError> {
+    let deadline = std::time::Instant::now() + timeout;
     while producer.in_flight_count() > 0 {
         if std::time::Instant::now() > deadline {
             return Err(KafkaError::Flush(RDKafkaErrorCode::MessageTimedOut));
@@ -492,5 +599,55 @@ async fn send(producer: &BaseProducer, output: &Output) -> Result<()> {
             }
             Err((error, _)) => return Err(error.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::mocking::{MockCluster, MockCoordinator};
+
+    type TestResult = std::result::Result<(), Box<dyn std::error::Error>>;
+
+    /// librdkafka #5456 on the mock cluster: with the group's coordinator down,
+    /// `send_offsets_to_transaction` does not keep its timeout. The pipeline stops waiting
+    /// for it after the timeout and the grace, and goes on (the next incarnation).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_transactional_call_stuck_in_librdkafka_is_given_up_after_its_timeout() -> TestResult
+    {
+        let cluster = MockCluster::new(3)?;
+        cluster.create_topic("in", 1, 1)?;
+        cluster.create_topic("out", 1, 1)?;
+        for topic in ["in", "out"] {
+            cluster.partition_leader(topic, 0, Some(1))?;
+        }
+        cluster.coordinator(MockCoordinator::Transaction("txn".into()), 1)?;
+        cluster.coordinator(MockCoordinator::Group("group".into()), 3)?;
+        let mut kafka = KafkaArgs::new(cluster.bootstrap_servers());
+        kafka.transaction_timeout_ms = 2_000;
+        let txn = Txn::new(kafka.transactional_producer("txn").create()?, &kafka)?;
+        txn.call("init_transactions", |p, t| p.init_transactions(t)).await?;
+        txn.producer.begin_transaction()?;
+        send(&txn.producer, &Output::tombstone("out", "key")).await?;
+        txn.call("delivery", wait_for_deliveries).await?;
+        let consumer: BaseConsumer = kafka.group_consumer("group").create()?;
+        let metadata = consumer.group_metadata().ok_or("no group metadata")?;
+        let mut offsets = TopicPartitionList::new();
+        offsets.add_partition_offset("in", 0, Offset::Offset(1))?;
+
+        cluster.broker_down(3)?;
+        let started = std::time::Instant::now();
+        let sent = txn
+            .call("send_offsets_to_transaction", move |p, t| {
+                p.send_offsets_to_transaction(&offsets, &metadata, t)
+            })
+            .await;
+        let waited = started.elapsed();
+        cluster.broker_up(3)?;
+
+        assert!(matches!(sent, Err(Error::Timeout(_))), "librdkafka answered: {sent:?}");
+        let limit = Duration::from_millis(2_000) + TXN_GRACE;
+        assert!(waited >= limit && waited < limit + Duration::from_secs(2), "waited {waited:?}");
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@ use topup_proto::topics;
 use topup_proto::v1::{
     DeliveryReceipt, DeliveryStatus, RuleState, TopUpCommand, TopUpResult, TopUpStatus,
 };
+use topup_proto::Message as _;
 use topup_tests::gateway_server::GatewayServer;
 use topup_tests::smtp_sink::SmtpSink;
 use topup_tests::webhook_server::WebhookServer;
@@ -88,6 +89,60 @@ fn spawn(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {service:?}"))
+}
+
+/// For subscribers without a command: where their records are, what the evaluator's
+/// changelog says about them and how far its group has committed, so a lost top-up can be
+/// traced to the record, the state or the offsets.
+async fn post_mortem(platform: &Platform, missing: &[&str]) -> anyhow::Result<()> {
+    use topup_proto::evaluator::v1::SubscriberState;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let kafka = platform.kafka.clone();
+    let wanted: Vec<String> = missing.iter().map(|s| s.to_string()).collect();
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        for topic in [topics::BALANCE, topics::RULES, topics::EVALUATOR_STATE] {
+            for partition in 0..topup_tests::PARTITIONS {
+                let records =
+                    topup_kafka::read_partition_to_end(&kafka, topic, partition, Duration::from_secs(60))?;
+                for r in records {
+                    let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).to_string();
+                    if !wanted.iter().any(|w| key.ends_with(w.as_str())) {
+                        continue;
+                    }
+                    let payload = r.payload.as_deref().unwrap_or_default();
+                    let what = match topic {
+                        topics::BALANCE => topup_proto::v1::BalanceUpdated::decode(payload)
+                            .map(|b| format!("seq {} amount {:?}", b.sequence, b.balance.map(|m| m.amount_minor)))
+                            .unwrap_or_else(|e| e.to_string()),
+                        topics::EVALUATOR_STATE => SubscriberState::decode(payload)
+                            .map(|s| format!(
+                                "balance seq {} armed {} in_flight {:?} awaiting_credit {} issued {}",
+                                s.balance_sequence, s.armed, s.in_flight.map(|f| (f.cause_sequence, f.cause_topic, f.cause_offset)), s.awaiting_credit, s.commands_issued
+                            ))
+                            .unwrap_or_else(|e| e.to_string()),
+                        _ => format!("{} bytes", payload.len()),
+                    };
+                    eprintln!("  {key} {topic}/{partition}@{} ts {:?}: {what}", r.offset, r.timestamp_ms);
+                }
+            }
+        }
+        let consumer: BaseConsumer = kafka.group_consumer("topup-evaluator").create()?;
+        let mut list = rdkafka::TopicPartitionList::new();
+        for topic in [topics::BALANCE, topics::RULES, topics::RESULTS] {
+            for partition in 0..topup_tests::PARTITIONS {
+                list.add_partition(topic, partition);
+            }
+        }
+        let committed = consumer.committed_offsets(list, Duration::from_secs(10))?;
+        for e in committed.elements() {
+            eprintln!("  committed topup-evaluator {}/{}: {:?}", e.topic(), e.partition(), e.offset());
+        }
+        Ok(())
+    })
+    .await?
 }
 
 /// The token of subscriber `n`: most approve, some decline, some storm, some are slow.
@@ -288,6 +343,11 @@ async fn main() -> anyhow::Result<()> {
     if !problems.is_empty() {
         for p in problems.iter().take(20) {
             eprintln!("  {p}");
+        }
+        let missing: Vec<&str> =
+            problems.iter().filter_map(|p| p.strip_suffix(": no command")).take(10).collect();
+        if let Err(e) = post_mortem(platform, &missing).await {
+            eprintln!("post-mortem failed: {e:#}");
         }
         anyhow::bail!("{} subscribers were not charged exactly as needed", problems.len());
     }
