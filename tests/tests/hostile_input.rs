@@ -259,7 +259,7 @@ proptest! {
                 }
                 _ => {
                     let mut evaluator = topup_evaluator::Evaluator::new(
-                        kafka, topup_evaluator::Settings { reminder_level_minor: 500 });
+                        kafka, topup_evaluator::Settings::default());
                     evaluator.process(&record, &mut out).await
                 }
             };

@@ -163,3 +163,44 @@ async fn expiring_methods_are_reminded_once_and_expired_ones_skipped_with_a_word
     tokio::time::timeout(WAIT, running).await???;
     platform.stop().await
 }
+
+/// A top-up whose command goes unanswered (no payment worker yet) is issued again under the
+/// same id once the reissue period has passed; when a payment worker comes, the subscriber
+/// is charged once, however many times the command was issued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_top_up_left_without_a_result_is_issued_again_and_charged_once() -> anyhow::Result<()> {
+    let mut platform = Platform::cluster()?;
+    let mut config = topup_evaluator::Config::new(platform.kafka.clone());
+    config.tick_ms = 100;
+    config.reissue_after_secs = 1;
+    let stop = platform.shutdown.child_token();
+    let running = tokio::spawn(topup_evaluator::run(config, stop.clone()));
+    platform.publish_rule(rule("sub-unanswered", "tok_approve_4242", RuleState::Active)).await?;
+    platform.wait_caught_up("topup-evaluator", &[topics::RULES]).await?;
+    platform.publish_balance("sub-unanswered", 1500, 1).await?;
+    platform.publish_balance("sub-unanswered", 500, 2).await?;
+
+    let mut commands = platform.reader::<TopUpCommand>(topics::COMMANDS)?;
+    let theirs = |c: &TopUpCommand| c.subscriber_id == "sub-unanswered";
+    commands.wait_for_count("the command and its reissue", 2, theirs).await?;
+    let ids: BTreeSet<&str> =
+        commands.seen.iter().filter(|c| theirs(c)).map(|c| c.command_id.as_str()).collect();
+    assert_eq!(ids.len(), 1, "one top-up, one id: {ids:?}");
+
+    platform.start_payment_worker(
+        topup_payment_worker::Config::new(platform.kafka.clone()),
+        platform.gateway.clone(),
+    );
+    let mut results = platform.reader::<TopUpResult>(topics::RESULTS)?;
+    let result =
+        results.wait_for("the result", |r| r.subscriber_id == "sub-unanswered").await?.clone();
+    assert_eq!(result.status, TopUpStatus::Succeeded as i32);
+    platform.wait_caught_up("topup-payment-worker", &[topics::COMMANDS]).await?;
+    platform.wait_caught_up("topup-payment-worker-retries", &[topics::PAYMENT_RETRIES]).await?;
+    let all = platform.read_all::<TopUpCommand>(topics::COMMANDS).await?;
+    assert!(all.iter().filter(|c| theirs(c)).all(|c| ids.contains(c.command_id.as_str())));
+    assert_eq!(platform.gateway.charges().get(&result.idempotency_key), Some(&1), "charged once");
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await???;
+    platform.stop().await
+}

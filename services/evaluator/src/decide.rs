@@ -74,6 +74,8 @@ pub struct InFlight {
     pub issued_month: i64,
     /// The input record that issued it (set by the processor, which knows records).
     pub issued_by: Option<InputRecord>,
+    /// When its command was last issued, seconds since the epoch (see [`reissue_overdue`]).
+    pub issued_at: i64,
 }
 
 /// Where an input record is: its topic (one of the evaluator's inputs) and offset.
@@ -144,11 +146,14 @@ pub struct Settings {
     /// Low-balance reminder level (minor units of the balance's currency) for subscribers
     /// without a rule; subscribers with an inactive rule are reminded at its threshold.
     pub reminder_level_minor: i64,
+    /// Seconds a top-up may wait for its result before its command is issued again under
+    /// the same id (see [`reissue_overdue`]); 0 never.
+    pub reissue_after_secs: i64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { reminder_level_minor: 500 }
+        Self { reminder_level_minor: 500, reissue_after_secs: 900 }
     }
 }
 
@@ -307,6 +312,7 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         issued_day: day,
         issued_month: month,
         issued_by: None,
+        issued_at: now.seconds,
     });
     state.caps.topups_today += 1;
     state.caps.amount_this_month = state.caps.amount_this_month.saturating_add(amount.minor);
@@ -382,6 +388,35 @@ pub fn reissue(
     let (command, started) =
         command_effects(state, rule, &balance, &flight.command_id, flight.amount, now);
     Some(vec![Effect::Command(command), Effect::Notify(started)])
+}
+
+/// The command of the top-up in flight once more, under the same id, when it has waited
+/// `settings.reissue_after_secs` for a result. Without this a top-up whose command or result
+/// is lost — a topic's retention, a consumer broken for longer, a record a broker dropped —
+/// would stay in flight for ever, and with it the subscriber's automatic top-ups. The same
+/// id is the same idempotency key, so the gateway charges it at most once, and a second
+/// result for it is a duplicate the evaluator ignores. The wait starts again from now.
+pub fn reissue_overdue(
+    mut state: SubscriberState,
+    now: Timestamp,
+    settings: &Settings,
+) -> (SubscriberState, Option<TopUpCommand>) {
+    let after = settings.reissue_after_secs;
+    let (Some(flight), Some(rule), Some(balance)) =
+        (state.in_flight.as_ref(), state.rule.as_deref(), state.balance.as_ref())
+    else {
+        return (state, None);
+    };
+    if after <= 0 || now.seconds.saturating_sub(flight.issued_at) < after {
+        return (state, None);
+    }
+    let cause = LastBalance { sequence: flight.cause_sequence, ..balance.clone() };
+    let (command, _) =
+        command_effects(&state, rule, &cause, &flight.command_id, flight.amount, now);
+    if let Some(flight) = state.in_flight.as_mut() {
+        flight.issued_at = now.seconds;
+    }
+    (state, Some(command))
 }
 
 /// Days before a payment method's expiry when the subscriber is reminded to update it.

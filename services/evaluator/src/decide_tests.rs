@@ -467,3 +467,35 @@ fn pausing_and_resuming_after_a_top_up_does_not_charge_again_on_the_old_balance(
     let (_, effects) = run_from(state, vec![balance(5850, 2), balance(700, 3)]);
     assert_eq!(commands(&effects).len(), 1);
 }
+
+#[test]
+fn a_top_up_left_without_a_result_is_issued_again_under_its_id_until_it_ends() {
+    let settings = Settings { reissue_after_secs: 900, ..Settings::default() };
+    let later = |secs: i64| Timestamp { seconds: NOW.seconds + secs, nanos: 0 };
+    let (state, effects) = run(vec![
+        rule_event(&wire_rule(wire::RuleState::Active)),
+        balance(1500, 1),
+        balance(500, 2),
+    ]);
+    let issued = commands(&effects)[0].clone();
+
+    // Not yet due: nothing.
+    let (state, again) = reissue_overdue(state, later(899), &settings);
+    assert!(again.is_none());
+    // Due: the same command (id, key, amount, cause), and the wait starts again.
+    let (state, again) = reissue_overdue(state, later(900), &settings);
+    let again = again.expect("issued again");
+    assert_eq!(
+        (&again.command_id, &again.idempotency_key, &again.amount, again.cause_sequence),
+        (&issued.command_id, &issued.idempotency_key, &issued.amount, issued.cause_sequence)
+    );
+    let (state, twice) = reissue_overdue(state, later(1000), &settings);
+    assert!(twice.is_none(), "not again before another period");
+    // Its result ends it: nothing more, whenever.
+    let (state, _) = run_from(state, vec![outcome(&issued.command_id, true)]);
+    assert!(reissue_overdue(state.clone(), later(100_000), &settings).1.is_none());
+    // Switched off: never.
+    let (state, _) = run(vec![rule_event(&wire_rule(wire::RuleState::Active)), balance(500, 1)]);
+    let off = Settings { reissue_after_secs: 0, ..Settings::default() };
+    assert!(reissue_overdue(state, later(100_000), &off).1.is_none());
+}

@@ -50,6 +50,12 @@ pub struct Config {
     /// subscriber once a UTC day, and those whose rule changed).
     #[arg(long, env = "EVALUATOR_TICK_MS", default_value_t = 10_000)]
     pub tick_ms: u64,
+
+    /// Seconds a top-up may wait for its result before its command is issued again under
+    /// the same id (charged at most once: same idempotency key); 0 never. Looked at on
+    /// every tick.
+    #[arg(long, env = "EVALUATOR_REISSUE_AFTER_SECS", default_value_t = 900)]
+    pub reissue_after_secs: i64,
 }
 
 impl Config {
@@ -63,6 +69,7 @@ impl Config {
             max_batch: 500,
             reminder_level_minor: 500,
             tick_ms: 10_000,
+            reissue_after_secs: 900,
         }
     }
 }
@@ -98,6 +105,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> topup_kafka::Re
         tick_every: Some(std::time::Duration::from_millis(config.tick_ms.max(10))),
         kafka: config.kafka.clone(),
     };
-    let settings = Settings { reminder_level_minor: config.reminder_level_minor };
+    let settings = Settings {
+        reminder_level_minor: config.reminder_level_minor,
+        reissue_after_secs: config.reissue_after_secs,
+    };
     run_pipeline(spec, || Evaluator::new(config.kafka.clone(), settings), shutdown).await
 }

@@ -18,6 +18,9 @@ pub(crate) fn count(counter: &AtomicU64) {
 pub(crate) struct Exported {
     /// `topup_topups_issued_total`.
     pub(crate) topups_issued: topup_kafka::ops::LabeledCounter,
+    /// `topup_topups_reissued_total`: commands issued again after waiting too long for a
+    /// result.
+    pub(crate) topups_reissued: topup_kafka::ops::LabeledCounter,
     /// `topup_command_latency_seconds`: balance observed → command issued.
     pub(crate) command_latency: topup_kafka::ops::LatencyHistogram,
 }
@@ -28,6 +31,10 @@ pub(crate) fn exported() -> &'static Exported {
         topups_issued: topup_kafka::ops::LabeledCounter::new(
             "topups_issued",
             "Top-up commands issued",
+        ),
+        topups_reissued: topup_kafka::ops::LabeledCounter::new(
+            "topups_reissued",
+            "Top-up commands issued again under the same id after waiting too long for a result",
         ),
         command_latency: topup_kafka::ops::LatencyHistogram::new(
             "command_latency_seconds",

@@ -173,6 +173,38 @@ fn emit(effects: Vec<Effect>, subscriber: &SubscriberId, out: &mut Vec<Output>) 
     }
 }
 
+impl Evaluator {
+    /// Every tick: the top-ups that have waited too long for their result, issued again
+    /// under the same id (see [`crate::decide::reissue_overdue`]).
+    fn reissue_overdue(&mut self, now: topup_proto::Timestamp, out: &mut Vec<Output>) {
+        if self.settings.reissue_after_secs <= 0 {
+            return;
+        }
+        let mut reissued = Vec::new();
+        for (partition, states) in self.store.partitions_mut() {
+            for (subscriber, state) in states.iter_mut().filter(|(_, s)| s.in_flight.is_some()) {
+                let (after, command) =
+                    crate::decide::reissue_overdue(state.clone(), now, &self.settings);
+                if let Some(command) = command {
+                    *state = after;
+                    reissued.push((partition, subscriber.clone(), state.encode_record(), command));
+                }
+            }
+        }
+        for (partition, subscriber, record, command) in reissued {
+            tracing::warn!(
+                subscriber = %subscriber,
+                command_id = %command.command_id,
+                after_secs = self.settings.reissue_after_secs,
+                "top-up without a result for too long: command issued again under the same id"
+            );
+            metrics::exported().topups_reissued.inc(&[]);
+            out.push(Output::message(topics::COMMANDS, &subscriber, &command));
+            out.push(self.store.record_bytes(partition, &subscriber, record));
+        }
+    }
+}
+
 impl Processor for Evaluator {
     async fn assigned(&mut self, partitions: &BTreeSet<i32>) -> topup_kafka::Result<()> {
         self.scanned_day = None;
@@ -281,6 +313,7 @@ impl Processor for Evaluator {
             }
         }
         self.scanned_day = Some(day);
+        self.reissue_overdue(now, &mut out);
         out
     }
 }
@@ -341,7 +374,7 @@ mod tests {
         apply_record(&mut states, "sub-3", Some(&old.encode_to_vec())).unwrap();
         assert!(states["sub-3"].rule.is_some());
         // The compact record (no subscriber id, no in-flight command id) reads back whole.
-        let settings = Settings { reminder_level_minor: 500 };
+        let settings = Settings::default();
         let now = topup_proto::Timestamp { seconds: 1_764_000_000, nanos: 0 };
         let rule = Rule::try_from(&raw_rule("sub-5")).unwrap();
         let state = SubscriberState::new(SubscriberId::parse("sub-5").unwrap());
@@ -387,7 +420,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(async {
             let kafka = KafkaArgs::new("unused:9092");
-            let settings = Settings { reminder_level_minor: 500 };
+            let settings = Settings::default();
             let rule = wire::RuleUpdated { rule: Some(raw_rule("sub-1")), updated_at: None };
             let balance = |seq: u64, minor: i64| {
                 wire::BalanceUpdated {

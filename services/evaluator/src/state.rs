@@ -88,6 +88,7 @@ impl SubscriberState {
                 issued_month: f.issued_month,
                 cause_topic: f.issued_by.map_or(0, |r| input_topic(r.topic) as i32),
                 cause_offset: f.issued_by.map_or(0, |r| r.offset),
+                issued_at_seconds: f.issued_at,
             }),
             armed: self.armed,
             reminder_armed: self.reminder_armed,
@@ -140,6 +141,7 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
                 issued_month: f.issued_month,
                 issued_by: topic_of(f.cause_topic)
                     .map(|topic| InputRecord { topic, offset: f.cause_offset }),
+                issued_at: f.issued_at_seconds,
             }),
             None => None,
         };
@@ -200,7 +202,7 @@ mod tests {
             Event::Rule(Box::new(rule)),
             "test",
             topup_proto::Timestamp { seconds: 0, nanos: 0 },
-            &Settings { reminder_level_minor: 500 },
+            &Settings::default(),
         )
         .unwrap();
         let decoded = changelog::SubscriberState::decode(state.encode_record().as_slice()).unwrap();

@@ -447,7 +447,7 @@ struct MemoryPoint {
 /// it with `decide`, for growing numbers of subscribers in one map; resident memory is read
 /// at each size, and the growth between sizes gives the cost of one more subscriber.
 fn memory_per_subscriber() -> anyhow::Result<Vec<MemoryPoint>> {
-    let settings = Settings { reminder_level_minor: 500 };
+    let settings = Settings::default();
     let now = topup_kafka::now_timestamp();
     let mut points = Vec::new();
     let mut states = std::collections::HashMap::new();
