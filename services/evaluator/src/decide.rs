@@ -74,8 +74,11 @@ pub struct InFlight {
     pub issued_month: i64,
     /// The input record that issued it (set by the processor, which knows records).
     pub issued_by: Option<InputRecord>,
-    /// When its command was last issued, seconds since the epoch (see [`reissue_overdue`]).
+    /// When its command was last issued, seconds since the epoch (see [`reissue_overdue`]);
+    /// 0 unknown (a state written before this was kept).
     pub issued_at: i64,
+    /// How many times its command was issued again by [`reissue_overdue`].
+    pub reissued: u32,
 }
 
 /// Where an input record is: its topic (one of the evaluator's inputs) and offset.
@@ -313,6 +316,7 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         issued_month: month,
         issued_by: None,
         issued_at: now.seconds,
+        reissued: 0,
     });
     state.caps.topups_today += 1;
     state.caps.amount_this_month = state.caps.amount_this_month.saturating_add(amount.minor);
@@ -390,12 +394,20 @@ pub fn reissue(
     Some(vec![Effect::Command(command), Effect::Notify(started)])
 }
 
+/// How many times a top-up's command is issued again at most: a gateway remembers an
+/// idempotency key for a limited time (a day is common), so reissuing for ever could charge
+/// twice. Past this the top-up stays in flight for a person to look at (the reissues have
+/// raised an alert by then).
+pub const MAX_REISSUES: u32 = 3;
+
 /// The command of the top-up in flight once more, under the same id, when it has waited
 /// `settings.reissue_after_secs` for a result. Without this a top-up whose command or result
 /// is lost — a topic's retention, a consumer broken for longer, a record a broker dropped —
 /// would stay in flight for ever, and with it the subscriber's automatic top-ups. The same
 /// id is the same idempotency key, so the gateway charges it at most once, and a second
-/// result for it is a duplicate the evaluator ignores. The wait starts again from now.
+/// result for it is a duplicate the evaluator ignores. The wait starts again from now; at
+/// most [`MAX_REISSUES`] times, and only while the rule is active. A top-up whose issue time
+/// is unknown (0) starts its wait now.
 pub fn reissue_overdue(
     mut state: SubscriberState,
     now: Timestamp,
@@ -407,7 +419,16 @@ pub fn reissue_overdue(
     else {
         return (state, None);
     };
-    if after <= 0 || now.seconds.saturating_sub(flight.issued_at) < after {
+    if after <= 0 || !rule.is_active() || flight.reissued >= MAX_REISSUES {
+        return (state, None);
+    }
+    if flight.issued_at == 0 {
+        if let Some(flight) = state.in_flight.as_mut() {
+            flight.issued_at = now.seconds;
+        }
+        return (state, None);
+    }
+    if now.seconds.saturating_sub(flight.issued_at) < after {
         return (state, None);
     }
     let cause = LastBalance { sequence: flight.cause_sequence, ..balance.clone() };
@@ -415,6 +436,7 @@ pub fn reissue_overdue(
         command_effects(&state, rule, &cause, &flight.command_id, flight.amount, now);
     if let Some(flight) = state.in_flight.as_mut() {
         flight.issued_at = now.seconds;
+        flight.reissued += 1;
     }
     (state, Some(command))
 }

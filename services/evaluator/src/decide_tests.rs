@@ -499,3 +499,41 @@ fn a_top_up_left_without_a_result_is_issued_again_under_its_id_until_it_ends() {
     let off = Settings { reissue_after_secs: 0, ..Settings::default() };
     assert!(reissue_overdue(state, later(100_000), &off).1.is_none());
 }
+
+#[test]
+fn reissues_stop_after_a_few_and_wait_for_an_active_rule_and_a_known_issue_time() {
+    let settings = Settings { reissue_after_secs: 60, ..Settings::default() };
+    let later = |secs: i64| Timestamp { seconds: NOW.seconds + secs, nanos: 0 };
+    let (mut state, _) = run(vec![
+        rule_event(&wire_rule(wire::RuleState::Active)),
+        balance(1500, 1),
+        balance(500, 2),
+    ]);
+    let mut reissued = 0;
+    for minute in 1..=10 {
+        let (next, again) = reissue_overdue(state, later(minute * 60), &settings);
+        state = next;
+        reissued += usize::from(again.is_some());
+    }
+    assert_eq!(reissued, MAX_REISSUES as usize, "a gateway forgets keys: a few times only");
+
+    // A paused rule: not while paused.
+    let (state, _) = run(vec![
+        rule_event(&wire_rule(wire::RuleState::Active)),
+        balance(500, 1),
+        rule_event(&wire_rule(wire::RuleState::Paused)),
+    ]);
+    assert!(state.in_flight.is_some());
+    assert!(reissue_overdue(state, later(100_000), &settings).1.is_none());
+
+    // A state from before issue times were kept: the wait starts now.
+    let (mut state, _) =
+        run(vec![rule_event(&wire_rule(wire::RuleState::Active)), balance(500, 1)]);
+    if let Some(flight) = state.in_flight.as_mut() {
+        flight.issued_at = 0;
+    }
+    let (state, again) = reissue_overdue(state, later(100_000), &settings);
+    assert!(again.is_none());
+    assert_eq!(state.in_flight.as_ref().map(|f| f.issued_at), Some(later(100_000).seconds));
+    assert!(reissue_overdue(state, later(100_060), &settings).1.is_some());
+}

@@ -180,18 +180,20 @@ impl Evaluator {
         if self.settings.reissue_after_secs <= 0 {
             return;
         }
-        let mut reissued = Vec::new();
+        let mut changed = Vec::new();
         for (partition, states) in self.store.partitions_mut() {
             for (subscriber, state) in states.iter_mut().filter(|(_, s)| s.in_flight.is_some()) {
                 let (after, command) =
                     crate::decide::reissue_overdue(state.clone(), now, &self.settings);
-                if let Some(command) = command {
+                if after.differs_from(state) {
                     *state = after;
-                    reissued.push((partition, subscriber.clone(), state.encode_record(), command));
+                    changed.push((partition, subscriber.clone(), state.encode_record(), command));
                 }
             }
         }
-        for (partition, subscriber, record, command) in reissued {
+        for (partition, subscriber, record, command) in changed {
+            out.push(self.store.record_bytes(partition, &subscriber, record));
+            let Some(command) = command else { continue };
             tracing::warn!(
                 subscriber = %subscriber,
                 command_id = %command.command_id,
@@ -200,7 +202,6 @@ impl Evaluator {
             );
             metrics::exported().topups_reissued.inc(&[]);
             out.push(Output::message(topics::COMMANDS, &subscriber, &command));
-            out.push(self.store.record_bytes(partition, &subscriber, record));
         }
     }
 }

@@ -89,6 +89,7 @@ impl SubscriberState {
                 cause_topic: f.issued_by.map_or(0, |r| input_topic(r.topic) as i32),
                 cause_offset: f.issued_by.map_or(0, |r| r.offset),
                 issued_at_seconds: f.issued_at,
+                reissued: f.reissued,
             }),
             armed: self.armed,
             reminder_armed: self.reminder_armed,
@@ -142,6 +143,7 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
                 issued_by: topic_of(f.cause_topic)
                     .map(|topic| InputRecord { topic, offset: f.cause_offset }),
                 issued_at: f.issued_at_seconds,
+                reissued: f.reissued,
             }),
             None => None,
         };

@@ -236,6 +236,8 @@ struct Txn {
     /// Timeout given to each call; librdkafka caps it at `transaction.timeout.ms` anyway.
     timeout: Duration,
     calls: std::sync::mpsc::Sender<TxnCall>,
+    /// A call was given up: every later one fails at once (it would queue behind it).
+    given_up: std::sync::atomic::AtomicBool,
 }
 
 type TxnCall = Box<dyn FnOnce() + Send>;
@@ -249,7 +251,7 @@ impl Txn {
             .name("kafka-txn".into())
             .spawn(move || queue.into_iter().for_each(|call| call()))
             .map_err(|e| Error::Config(format!("cannot start a thread: {e}")))?;
-        Ok(Self { producer: Arc::new(producer), timeout, calls })
+        Ok(Self { producer: Arc::new(producer), timeout, calls, given_up: Default::default() })
     }
 
     /// Runs `f` on the transaction thread; gives up waiting after the call's timeout and a
@@ -262,10 +264,14 @@ impl Txn {
         let (producer, timeout) = (self.producer.clone(), self.timeout);
         let limit = timeout + TXN_GRACE;
         let given_up = || {
+            self.given_up.store(true, std::sync::atomic::Ordering::Relaxed);
             Error::Timeout(format!(
                 "{what} did not return within {limit:?}; this producer is given up"
             ))
         };
+        if self.given_up.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Error::Timeout(format!("{what}: this producer was given up")));
+        }
         let (answer, answered) = tokio::sync::oneshot::channel();
         self.calls
             .send(Box::new(move || {
@@ -281,7 +287,11 @@ impl Txn {
 
     /// Aborts the open transaction; a failure here changes nothing (the incarnation ends
     /// anyway, and the broker aborts what is left open after `transaction.timeout.ms`).
+    /// Nothing is asked of a producer given up.
     async fn abort(&self) {
+        if self.given_up.load(std::sync::atomic::Ordering::Relaxed) {
+            return;
+        }
         if let Err(error) = self.call("abort_transaction", |p, t| p.abort_transaction(t)).await {
             tracing::warn!(%error, "aborting the transaction failed");
         }
@@ -329,23 +339,47 @@ async fn run_incarnation<P: Processor>(
             .create()?,
         &spec.kafka,
     )?;
-    let served = serve(spec, &consumer, &txn, &mut processor, shutdown).await;
-    // Closing a client can block in librdkafka as long as a coordinator is unreachable (the
-    // consumer leaves its group, the producer finishes what it has in flight): close them on
-    // a thread of their own and wait a bounded time, so a stuck close can stall neither the
-    // next incarnation nor the process's exit.
-    let (closed, closing) = tokio::sync::oneshot::channel();
-    let closer = std::thread::Builder::new().name("kafka-close".into()).spawn(move || {
-        drop((consumer, txn));
-        let _ = closed.send(());
-    });
-    if closer.is_err() || tokio::time::timeout(CLOSE_WAIT, closing).await.is_err() {
+    let clients = Clients(Some((consumer, txn)));
+    let served = match &clients.0 {
+        Some((consumer, txn)) => serve(spec, consumer, txn, &mut processor, shutdown).await,
+        None => Ok(()),
+    };
+    if !clients.close().await {
         tracing::warn!(
             service = spec.service,
             "Kafka clients still closing; left to finish in the background"
         );
     }
     served
+}
+
+/// An incarnation's consumer and producer, closed on a thread of their own: closing a
+/// client can block in librdkafka as long as a coordinator is unreachable (the consumer
+/// leaves its group, the producer finishes what it has in flight), and that must stall
+/// neither the next incarnation nor the process's exit. Also when the incarnation's future
+/// is dropped rather than finished (a process giving up on its services at shutdown).
+struct Clients(Option<(StreamConsumer<RebalanceLog>, Txn)>);
+
+impl Clients {
+    /// Closes them, waiting at most [`CLOSE_WAIT`]; false if they are still closing.
+    async fn close(mut self) -> bool {
+        let (closed, closing) = tokio::sync::oneshot::channel();
+        let Some(clients) = self.0.take() else { return true };
+        let closer = std::thread::Builder::new().name("kafka-close".into()).spawn(move || {
+            drop(clients);
+            let _ = closed.send(());
+        });
+        closer.is_ok() && tokio::time::timeout(CLOSE_WAIT, closing).await.is_ok()
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        if let Some(clients) = self.0.take() {
+            let _ =
+                std::thread::Builder::new().name("kafka-close".into()).spawn(move || drop(clients));
+        }
+    }
 }
 
 /// One incarnation's loop, until shutdown or a Kafka failure.
@@ -648,6 +682,14 @@ mod tests {
         assert!(matches!(sent, Err(Error::Timeout(_))), "librdkafka answered: {sent:?}");
         let limit = Duration::from_millis(2_000) + TXN_GRACE;
         assert!(waited >= limit && waited < limit + Duration::from_secs(2), "waited {waited:?}");
+
+        // Nothing more is asked of it: the abort and any later call do not queue behind the
+        // stuck call (they would wait another timeout each).
+        let started = std::time::Instant::now();
+        txn.abort().await;
+        let commit = txn.call("commit_transaction", |p, t| p.commit_transaction(t)).await;
+        assert!(matches!(commit, Err(Error::Timeout(_))), "{commit:?}");
+        assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
         Ok(())
     }
 }
