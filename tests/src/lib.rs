@@ -23,6 +23,32 @@ use topup_proto::v1::{
 };
 use topup_proto::Message as _;
 
+/// For the child binaries (`*_child`): started by [`child_command`], they exit as soon as
+/// their stdin closes, i.e. when the test or the soak that started them is gone — even one
+/// that crashed or was killed before it could kill them.
+pub fn exit_with_parent() {
+    if std::env::var_os(EXIT_WITH_PARENT).is_none() {
+        return;
+    }
+    std::thread::spawn(|| {
+        use std::io::Read;
+        let mut buffer = [0u8; 64];
+        let mut stdin = std::io::stdin();
+        while matches!(stdin.read(&mut buffer), Ok(n) if n > 0) {}
+        std::process::exit(1);
+    });
+}
+
+const EXIT_WITH_PARENT: &str = "TOPUP_TEST_EXIT_WITH_PARENT";
+
+/// A command for a child binary that dies with this process (see [`exit_with_parent`]) and
+/// is killed when its handle is dropped.
+pub fn child_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(program);
+    command.env(EXIT_WITH_PARENT, "1").stdin(std::process::Stdio::piped()).kill_on_drop(true);
+    command
+}
+
 /// Partitions of every topic in tests.
 pub const PARTITIONS: i32 = 4;
 

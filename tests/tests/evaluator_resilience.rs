@@ -51,13 +51,12 @@ fn assert_one_command_each(subs: &[String], commands: &BTreeMap<String, BTreeSet
 }
 
 fn spawn_child(platform: &Platform) -> anyhow::Result<tokio::process::Child> {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_evaluator_child"))
+    topup_tests::child_command(env!("CARGO_BIN_EXE_evaluator_child"))
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
         .env("KAFKA_SESSION_TIMEOUT_MS", platform.kafka.session_timeout_ms.to_string())
         .env("KAFKA_TRANSACTION_TIMEOUT_MS", platform.kafka.transaction_timeout_ms.to_string())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .context("starting the evaluator child process")
 }

@@ -178,7 +178,7 @@ fn spawn(
         Service::PaymentWorker => env!("CARGO_BIN_EXE_payment_worker_child"),
         Service::Notifier => env!("CARGO_BIN_EXE_notifier_child"),
     };
-    tokio::process::Command::new(program)
+    topup_tests::child_command(program)
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
         .env("KAFKA_SESSION_TIMEOUT_MS", platform.kafka.session_timeout_ms.to_string())
         .env("KAFKA_TRANSACTION_TIMEOUT_MS", platform.kafka.transaction_timeout_ms.to_string())
@@ -190,7 +190,6 @@ fn spawn(
         .env("QUIET_HOURS", "off")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {service:?}"))
 }

@@ -17,13 +17,12 @@ async fn get(url: &str) -> anyhow::Result<(u16, String)> {
 async fn a_service_says_when_it_is_alive_ready_and_what_it_did() -> anyhow::Result<()> {
     let platform = Platform::cluster()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_evaluator_child"))
+    let mut child = topup_tests::child_command(env!("CARGO_BIN_EXE_evaluator_child"))
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
         .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .context("starting the evaluator")?;
     let base = format!("http://127.0.0.1:{port}");

@@ -213,7 +213,7 @@ async fn one_subscribers_gateway_outage_does_not_hold_back_the_others() -> anyho
 }
 
 fn spawn_worker(platform: &Platform, url: &str) -> anyhow::Result<tokio::process::Child> {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_payment_worker_child"))
+    topup_tests::child_command(env!("CARGO_BIN_EXE_payment_worker_child"))
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
         .env("KAFKA_SESSION_TIMEOUT_MS", platform.kafka.session_timeout_ms.to_string())
         .env("KAFKA_TRANSACTION_TIMEOUT_MS", platform.kafka.transaction_timeout_ms.to_string())
@@ -224,7 +224,6 @@ fn spawn_worker(platform: &Platform, url: &str) -> anyhow::Result<tokio::process
         .env("PAYMENT_GATEWAY_TIMEOUT_MS", "30000")
         .env("PAYMENT_INITIAL_BACKOFF_MS", "100")
         .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
         .spawn()
         .context("starting the payment worker child")
 }

@@ -180,14 +180,13 @@ async fn traceparents(platform: &Platform, topic: &str) -> anyhow::Result<Vec<(S
 async fn a_service_exports_spans_and_metrics_over_otlp_when_told_where() -> anyhow::Result<()> {
     let sink = OtlpSink::start().await?;
     let platform = Platform::cluster()?;
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_evaluator_child"))
+    let mut child = topup_tests::child_command(env!("CARGO_BIN_EXE_evaluator_child"))
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &sink.endpoint)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("OTEL_METRIC_EXPORT_INTERVAL", "300")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .context("starting the evaluator")?;
 

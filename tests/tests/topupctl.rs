@@ -3,7 +3,7 @@
 //! JSON, and replay a dead letter to its source topic.
 use clap::Parser;
 use topup_proto::topics;
-use topup_proto::v1::{DeadLetter, RuleState, TopUpResult};
+use topup_proto::v1::{DeadLetter, RuleState, TopUpCommand, TopUpResult};
 use topup_tests::{rule, Platform};
 
 async fn topupctl(platform: &Platform, args: &[&str]) -> anyhow::Result<String> {
@@ -98,6 +98,52 @@ async fn an_operator_publishes_inspects_tails_and_replays() -> anyhow::Result<()
     .await
     .unwrap_err();
     assert!(format!("{wrong:#}").contains("decimal places"), "{wrong:#}");
+    std::fs::remove_dir_all(&dir)?;
+    platform.stop().await
+}
+
+/// A top-up stuck in flight (no payment worker here) is ended by the result an operator
+/// publishes once the outcome is known; a result without a command id is refused before
+/// anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_operator_ends_a_stuck_top_up_with_its_result() -> anyhow::Result<()> {
+    let mut platform = Platform::cluster()?;
+    platform.start_evaluator();
+    platform.publish_rule(rule("sub-stuck", "tok_ok", RuleState::Active)).await?;
+    platform.wait_caught_up("topup-evaluator", &[topics::RULES]).await?;
+    platform.publish_balance("sub-stuck", 500, 1).await?;
+    let mut commands = platform.reader::<TopUpCommand>(topics::COMMANDS)?;
+    let command = commands.wait_for("the command", |c| c.subscriber_id == "sub-stuck").await?;
+    let command_id = command.command_id.clone();
+    platform.wait_caught_up("topup-evaluator", &[topics::BALANCE]).await?;
+    let in_flight =
+        |state: &serde_json::Value| state["topup.evaluator-state.v1 sub-stuck"]["inFlight"].clone();
+    let state: serde_json::Value =
+        serde_json::from_str(&topupctl(&platform, &["state", "sub-stuck"]).await?)?;
+    // (The changelog leaves out the in-flight command id: it is derived.)
+    assert!(in_flight(&state).is_object(), "in flight: {state:#}");
+
+    let dir = std::env::temp_dir().join(format!("topupctl-result-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let file = dir.join("result.json");
+    let path = file.to_str().unwrap_or_default();
+    std::fs::write(&file, r#"{"subscriberId": "sub-stuck", "status": "TOP_UP_STATUS_SUCCEEDED"}"#)?;
+    let refused =
+        topupctl(&platform, &["publish", "--topic", topics::RESULTS, "--json", path]).await;
+    let refusal = format!("{:#}", refused.err().ok_or_else(|| anyhow::anyhow!("accepted"))?);
+    assert!(refusal.contains("command_id"), "{refusal}");
+
+    let result = serde_json::json!({
+        "commandId": command_id,
+        "subscriberId": "sub-stuck",
+        "status": "TOP_UP_STATUS_SUCCEEDED",
+    });
+    std::fs::write(&file, result.to_string())?;
+    topupctl(&platform, &["publish", "--topic", topics::RESULTS, "--json", path]).await?;
+    platform.wait_caught_up("topup-evaluator", &[topics::RESULTS]).await?;
+    let state: serde_json::Value =
+        serde_json::from_str(&topupctl(&platform, &["state", "sub-stuck"]).await?)?;
+    assert!(in_flight(&state).is_null(), "no longer in flight: {state:#}");
     std::fs::remove_dir_all(&dir)?;
     platform.stop().await
 }

@@ -51,7 +51,9 @@ pub enum Command {
         carrier: String,
     },
     /// Publish a JSON message (proto3 JSON mapping) to a topic: a BalanceUpdated to
-    /// carrier.balance.v1, a RuleUpdated to topup.rules.v1 (an AutoTopUpRule is wrapped).
+    /// carrier.balance.v1, a RuleUpdated to topup.rules.v1 (an AutoTopUpRule is wrapped), a
+    /// TopUpResult to topup.results.v1 (to end a top-up stuck in flight once its outcome is
+    /// known from the gateway; billing reads it too).
     Publish {
         /// carrier.balance.v1 or topup.rules.v1.
         #[arg(long)]
@@ -235,10 +237,18 @@ pub async fn run(cli: Cli, out: &mut (impl Write + Send)) -> anyhow::Result<()> 
                         .map_err(|e| anyhow::anyhow!("this rule would be refused: {e}"))?;
                     (rule.subscriber_id.clone(), update.encode_to_vec())
                 }
+                topics::RESULTS => {
+                    let result: topup_proto::v1::TopUpResult =
+                        serde_json::from_str(&text).context("not a TopUpResult in proto3 JSON")?;
+                    topup_domain::TopUpOutcome::try_from(&result)
+                        .map_err(|e| anyhow::anyhow!("this result would be refused: {e}"))?;
+                    (result.subscriber_id.clone(), result.encode_to_vec())
+                }
                 other => bail!(
-                    "publish writes {} or {}; {other} is written by the services",
+                    "publish writes {}, {} or {}; {other} is written by the services",
                     topics::BALANCE,
-                    topics::RULES
+                    topics::RULES,
+                    topics::RESULTS
                 ),
             };
             send(&kafka, &topic, &key, &bytes).await

@@ -4,5 +4,6 @@
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    topup_tests::exit_with_parent();
     topup_evaluator::main_from_args().await
 }

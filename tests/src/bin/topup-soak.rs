@@ -67,7 +67,7 @@ fn spawn(
         Service::Notifier => "notifier_child",
     };
     let program = std::env::current_exe()?.with_file_name(name);
-    tokio::process::Command::new(program)
+    topup_tests::child_command(program)
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
         .env("KAFKA_SESSION_TIMEOUT_MS", platform.kafka.session_timeout_ms.to_string())
         .env("KAFKA_TRANSACTION_TIMEOUT_MS", platform.kafka.transaction_timeout_ms.to_string())
@@ -86,7 +86,6 @@ fn spawn(
         .env("QUIET_HOURS", "off")
         .env("RUST_LOG", std::env::var("SOAK_CHILD_LOG").unwrap_or_else(|_| "error".into()))
         .stdout(Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {service:?}"))
 }
