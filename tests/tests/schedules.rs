@@ -18,12 +18,21 @@ fn today() -> (i64, u32) {
     (day, topup_domain::calendar::civil_from_days(day).2)
 }
 
+type Running = (CancellationToken, tokio::task::JoinHandle<topup_kafka::Result<()>>);
+
 /// An evaluator looking at the calendar every 100 ms, stopped by its own token.
-fn evaluator(
+fn evaluator(platform: &Platform) -> Running {
+    evaluator_with(platform, |_| {})
+}
+
+/// The same, with other settings too.
+fn evaluator_with(
     platform: &Platform,
-) -> (CancellationToken, tokio::task::JoinHandle<topup_kafka::Result<()>>) {
+    configure: impl FnOnce(&mut topup_evaluator::Config),
+) -> Running {
     let mut config = topup_evaluator::Config::new(platform.kafka.clone());
     config.tick_ms = 100;
+    configure(&mut config);
     let stop = platform.shutdown.child_token();
     (stop.clone(), tokio::spawn(topup_evaluator::run(config, stop)))
 }
@@ -170,11 +179,7 @@ async fn expiring_methods_are_reminded_once_and_expired_ones_skipped_with_a_word
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_top_up_left_without_a_result_is_issued_again_and_charged_once() -> anyhow::Result<()> {
     let mut platform = Platform::cluster()?;
-    let mut config = topup_evaluator::Config::new(platform.kafka.clone());
-    config.tick_ms = 100;
-    config.reissue_after_secs = 1;
-    let stop = platform.shutdown.child_token();
-    let running = tokio::spawn(topup_evaluator::run(config, stop.clone()));
+    let (stop, running) = evaluator_with(&platform, |config| config.reissue_after_secs = 1);
     platform.publish_rule(rule("sub-unanswered", "tok_approve_4242", RuleState::Active)).await?;
     platform.wait_caught_up("topup-evaluator", &[topics::RULES]).await?;
     platform.publish_balance("sub-unanswered", 1500, 1).await?;
