@@ -10,10 +10,15 @@
 //! | `insufficient` | 402 `insufficient_funds`                                         |
 //! | `storm<N>`     | 503 for the first N requests of a key, then approved             |
 //! | `timeout`      | charges, then answers only after [`TIMEOUT_DELAY`] (the client gives up) |
+//! | `lost`         | charges, then drops the connection without an answer, every time; the status lookup tells the truth |
+//! | `unreadable`   | charges, answers 200 with a body that is not an approval, every time |
 //! | `slow`         | approved after [`SLOW_DELAY`]                                    |
-//! | `hang`         | never answers in time (a gateway outage for that method)          |
+//! | `hang`         | never answers in time, and the status lookup says "pending" (409)   |
 //! | `hold`         | charges, reports it on [`GatewayServer::held`], never answers     |
 //! | otherwise      | approved                                                         |
+//!
+//! `GET /v1/charges/{key}` is the status lookup: 200 with the key's answer, 404 for a key
+//! never charged, 409 while a `hang` request is pending; signed like a charge, over the key.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -42,6 +47,13 @@ struct Ledger {
     answers: HashMap<String, (StatusCode, Value)>,
     /// Charges made per key.
     charges: HashMap<String, u32>,
+    /// Charges made per top-up (command id) and per subscriber, across every key.
+    by_command: HashMap<String, u32>,
+    by_subscriber: HashMap<String, u32>,
+    /// Keys of requests still being processed (`hang`).
+    pending: std::collections::HashSet<String>,
+    /// Status lookups received per key.
+    lookups: HashMap<String, u32>,
     /// Requests received per key.
     requests: HashMap<String, u32>,
     /// Requests whose signature did not verify.
@@ -83,6 +95,7 @@ impl GatewayServer {
         let shared = Arc::new(Shared { ledger: Mutex::default(), held: tx });
         let app = axum::Router::new()
             .route("/v1/charges", axum::routing::post(charge))
+            .route("/v1/charges/{key}", axum::routing::get(status))
             .with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}/v1/charges", listener.local_addr()?);
@@ -101,6 +114,21 @@ impl GatewayServer {
     /// Charges made per idempotency key.
     pub fn charges(&self) -> HashMap<String, u32> {
         self.ledger(|l| l.charges.clone())
+    }
+
+    /// Charges made per top-up (command id), across all its keys and methods.
+    pub fn charges_by_command(&self) -> HashMap<String, u32> {
+        self.ledger(|l| l.by_command.clone())
+    }
+
+    /// Charges made per subscriber.
+    pub fn charges_by_subscriber(&self) -> HashMap<String, u32> {
+        self.ledger(|l| l.by_subscriber.clone())
+    }
+
+    /// Status lookups received for `key`.
+    pub fn lookups(&self, key: &str) -> u32 {
+        self.ledger(|l| l.lookups.get(key).copied().unwrap_or(0))
     }
 
     /// Requests received for `key`.
@@ -151,8 +179,10 @@ async fn charge(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             *n
         };
         if let Some((status, body)) = ledger.answers.get(&key) {
-            ((*status, body.clone()), None)
+            let delay = (token.contains("lost") || token.contains("unreadable")).then_some(LOST);
+            ((*status, body.clone()), delay)
         } else if token.contains("hang") {
+            ledger.pending.insert(key.clone());
             ((StatusCode::OK, json!({})), Some(Duration::from_secs(3600)))
         } else if storm_size(token).is_some_and(|n| seen <= n) {
             ((StatusCode::SERVICE_UNAVAILABLE, json!({"message": "storm"})), None)
@@ -165,10 +195,14 @@ async fn charge(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
                 declined("insufficient_funds")
             } else {
                 *ledger.charges.entry(key.clone()).or_insert(0) += 1;
+                *ledger.by_command.entry(request.command_id.clone()).or_insert(0) += 1;
+                *ledger.by_subscriber.entry(request.subscriber_id.clone()).or_insert(0) += 1;
                 (StatusCode::OK, json!({"status": "approved", "reference": format!("ch_{key}")}))
             };
             ledger.answers.insert(key.clone(), answer.clone());
-            let delay = if token.contains("hold") {
+            let delay = if token.contains("lost") || token.contains("unreadable") {
+                Some(LOST)
+            } else if token.contains("hold") {
                 let _ = shared.held.send(key.clone());
                 Some(Duration::from_secs(3600))
             } else if token.contains("timeout") {
@@ -181,8 +215,43 @@ async fn charge(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             (answer, delay)
         }
     };
-    if let Some(delay) = delay {
-        tokio::time::sleep(delay).await;
+    match delay {
+        // The charge is made; the answer never arrives. A body that is not the answer
+        // stands for a lost one at the HTTP level: the client cannot read an approval.
+        Some(LOST) if token.contains("unreadable") => {
+            (StatusCode::OK, "<html>gateway maintenance</html>").into_response()
+        }
+        Some(LOST) => (StatusCode::BAD_GATEWAY, "upstream connection reset").into_response(),
+        Some(delay) => {
+            tokio::time::sleep(delay).await;
+            (answer.0, Json(answer.1)).into_response()
+        }
+        None => (answer.0, Json(answer.1)).into_response(),
     }
-    (answer.0, Json(answer.1)).into_response()
+}
+
+/// Stands for "no answer arrives" in the charge handler.
+const LOST: Duration = Duration::from_nanos(1);
+
+async fn status(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(key): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let timestamp: u64 = header(&headers, TIMESTAMP_HEADER).parse().unwrap_or(0);
+    if header(&headers, SIGNATURE_HEADER) != signature(SECRET.as_bytes(), timestamp, key.as_bytes())
+    {
+        shared.lock().bad_signatures += 1;
+        return (StatusCode::UNAUTHORIZED, Json(json!({"message": "bad signature"})))
+            .into_response();
+    }
+    let mut ledger = shared.lock();
+    *ledger.lookups.entry(key.clone()).or_insert(0) += 1;
+    if let Some((status, body)) = ledger.answers.get(&key) {
+        return (*status, Json(body.clone())).into_response();
+    }
+    if ledger.pending.contains(&key) {
+        return (StatusCode::CONFLICT, Json(json!({"status": "pending"}))).into_response();
+    }
+    (StatusCode::NOT_FOUND, Json(json!({"message": "no such charge"}))).into_response()
 }

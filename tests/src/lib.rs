@@ -166,6 +166,11 @@ impl Platform {
     /// Starts (another) evaluator instance.
     pub fn start_evaluator(&mut self) {
         let config = topup_evaluator::Config::new(self.kafka.clone());
+        self.start_evaluator_with(config);
+    }
+
+    /// Starts an evaluator instance with `config`.
+    pub fn start_evaluator_with(&mut self, config: topup_evaluator::Config) {
         self.services.spawn(topup_evaluator::run(config, self.shutdown.clone()));
     }
 
@@ -325,6 +330,7 @@ pub fn balance(subscriber: &str, amount_minor: i64, sequence: u64) -> BalanceUpd
         sequence,
         observed_at: Some(topup_kafka::now_timestamp()),
         event_id: String::new(),
+        credited_command_ids: Vec::new(),
     }
 }
 
@@ -345,6 +351,7 @@ pub fn rule(subscriber: &str, token: &str, state: RuleState) -> AutoTopUpRule {
             label: "•••• 4242".into(),
             expires: "2030-01".into(),
             currency: "CNY".into(),
+            method_id: String::new(),
         }],
         state: state as i32,
         locale: "zh-CN".into(),
@@ -412,6 +419,12 @@ impl<T: topup_proto::Message + Default> Reader<T> {
     }
 }
 
+/// The idempotency key of charging `token` (a card) for the [`command`] with id `command_id`.
+pub fn charge_key(command_id: &str, token: &str) -> String {
+    let method = topup_domain::payment_method_id(PaymentMethodKind::Card as i32, token);
+    topup_domain::method_idempotency_key(&topup_domain::idempotency_key(command_id), &method)
+}
+
 /// A command as the evaluator would issue it: 50.00 CNY for `subscriber`, with `tokens`
 /// as its payment methods in order.
 pub fn command(subscriber: &str, id: &str, tokens: &[&str]) -> TopUpCommand {
@@ -427,9 +440,10 @@ pub fn command(subscriber: &str, id: &str, tokens: &[&str]) -> TopUpCommand {
                 label: String::new(),
                 expires: String::new(),
                 currency: String::new(),
+                method_id: String::new(),
             })
             .collect(),
-        idempotency_key: format!("topup-{id}"),
+        idempotency_key: topup_domain::idempotency_key(id),
         cause_event_id: String::new(),
         cause_sequence: 1,
         carrier_id: "test-carrier".into(),
@@ -441,5 +455,6 @@ pub fn command(subscriber: &str, id: &str, tokens: &[&str]) -> TopUpCommand {
             kind: ChannelKind::Email as i32,
             address: format!("{subscriber}@example.com"),
         }],
+        rule_version: 0,
     }
 }

@@ -247,9 +247,14 @@ proptest! {
                         max_backoff: Duration::from_millis(1),
                         deadline: Duration::from_secs(1),
                     };
-                    let limits = topup_payment_worker::Limits { max_single_charge_minor: 100_000 };
+                    let limits = topup_payment_worker::Limits {
+                        max_single_charge_minor: 100_000,
+                        max_command_age: topup_payment_worker::CommandAges::default(),
+                        key_retention: Duration::from_secs(86_400),
+                    };
+                    let rules = topup_payment_worker::RuleView::fixed(Default::default());
                     let mut worker = topup_payment_worker::PaymentWorker::new(
-                        topup_payment_worker::Sandbox::new(), retry, limits, 4);
+                        topup_payment_worker::Sandbox::new(), retry, limits, rules, 4);
                     worker.process(&record, &mut out).await
                 }
                 topics::NOTIFICATIONS => {

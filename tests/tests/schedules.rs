@@ -109,6 +109,7 @@ async fn expiring_methods_are_reminded_once_and_expired_ones_skipped_with_a_word
     let mut r = rule("sub-cards", "tok_approve_4242", RuleState::Active);
     r.payment_methods = vec![
         PaymentMethod {
+            method_id: Default::default(),
             token: "tok_approve_1111".into(),
             kind: PaymentMethodKind::Card as i32,
             label: "•••• 1111".into(),
@@ -116,6 +117,7 @@ async fn expiring_methods_are_reminded_once_and_expired_ones_skipped_with_a_word
             currency: "CNY".into(),
         },
         PaymentMethod {
+            method_id: Default::default(),
             token: "tok_approve_4242".into(),
             kind: PaymentMethodKind::Card as i32,
             label: "•••• 4242".into(),
@@ -143,8 +145,13 @@ async fn expiring_methods_are_reminded_once_and_expired_ones_skipped_with_a_word
     assert_eq!(result.status, TopUpStatus::Succeeded as i32);
     assert_eq!(result.payment_method.map(|m| m.token), Some("tok_approve_4242".to_string()));
     let charges = platform.gateway.charges();
-    assert_eq!(charges.get(&result.idempotency_key), None, "the expired card is not tried");
-    assert_eq!(charges.get(&format!("{}-m1", result.idempotency_key)), Some(&1));
+    assert_eq!(charges.get(&result.idempotency_key), Some(&1), "the second card's key");
+    let expired = topup_domain::method_idempotency_key(
+        &topup_domain::idempotency_key(&result.command_id),
+        &topup_domain::payment_method_id(PaymentMethodKind::Card as i32, "tok_approve_1111"),
+    );
+    assert_eq!(charges.get(&expired), None, "the expired card is not tried");
+    assert_eq!(platform.gateway.charges_by_command().get(&result.command_id), Some(&1));
     let problem = notifications
         .wait_for("the expired-card notice", |n| {
             n.subscriber_id == "sub-cards"

@@ -102,9 +102,9 @@ async fn an_operator_publishes_inspects_tails_and_replays() -> anyhow::Result<()
     platform.stop().await
 }
 
-/// A top-up stuck in flight (no payment worker here) is ended by the result an operator
-/// publishes once the outcome is known; a result without a command id is refused before
-/// anything is written.
+/// A top-up stuck in flight (no payment worker here) is ended by the settlement an operator
+/// publishes with the gateway's word; a result without a command id, or a "succeeded"
+/// without the gateway's reference, is refused before anything is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_operator_ends_a_stuck_top_up_with_its_result() -> anyhow::Result<()> {
     let mut platform = Platform::cluster()?;
@@ -139,7 +139,27 @@ async fn an_operator_ends_a_stuck_top_up_with_its_result() -> anyhow::Result<()>
         "status": "TOP_UP_STATUS_SUCCEEDED",
     });
     std::fs::write(&file, result.to_string())?;
-    topupctl(&platform, &["publish", "--topic", topics::RESULTS, "--json", path]).await?;
+    let refused =
+        topupctl(&platform, &["publish", "--topic", topics::RESULTS, "--json", path]).await;
+    let refusal = format!("{:#}", refused.err().ok_or_else(|| anyhow::anyhow!("accepted"))?);
+    assert!(refusal.contains("gateway's reference"), "{refusal}");
+
+    let settled = topupctl(
+        &platform,
+        &[
+            "settle",
+            "--subscriber",
+            "sub-stuck",
+            "--command-id",
+            &command_id,
+            "--approved",
+            "ch_from_the_books",
+            "--evidence",
+            "ops:test: gateway dashboard",
+        ],
+    )
+    .await?;
+    assert!(settled.contains("ch_from_the_books"), "{settled}");
     platform.wait_caught_up("topup-evaluator", &[topics::RESULTS]).await?;
     let state: serde_json::Value =
         serde_json::from_str(&topupctl(&platform, &["state", "sub-stuck"]).await?)?;

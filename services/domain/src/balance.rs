@@ -21,6 +21,8 @@ pub struct BalanceObservation {
     pub observed_at: Option<Timestamp>,
     /// The carrier's event id, or `<subscriber_id>/<sequence>`.
     pub event_id: String,
+    /// Top-ups whose credit the carrier says this balance includes.
+    pub credited_command_ids: Vec<String>,
 }
 
 impl TryFrom<&wire::BalanceUpdated> for BalanceObservation {
@@ -53,6 +55,7 @@ impl TryFrom<&wire::BalanceUpdated> for BalanceObservation {
             sequence: raw.sequence,
             observed_at: raw.observed_at,
             event_id,
+            credited_command_ids: raw.credited_command_ids.iter().take(16).cloned().collect(),
         })
     }
 }

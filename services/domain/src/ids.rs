@@ -69,6 +69,22 @@ pub fn idempotency_key(command_id: &str) -> String {
     format!("topup-{command_id}")
 }
 
+/// The stable id of a payment method on a rule: "pm-" and 16 hex digits, derived from its
+/// kind and its gateway token (in clear, before any sealing), so that the same method keeps
+/// its id across rule changes and a new method gets a new one. Idempotency keys are built
+/// from it, never from the method's position in the list.
+pub fn payment_method_id(kind: i32, token: &str) -> String {
+    let name = format!("payment-method/{kind}/{token}");
+    let id = Uuid::new_v5(&NAMESPACE, name.as_bytes()).simple().to_string();
+    format!("pm-{}", &id[..16])
+}
+
+/// The idempotency key of the charge of `method_id` for the command whose key is
+/// `command_key`: one key per (top-up, method), the same however often it is sent.
+pub fn method_idempotency_key(command_key: &str, method_id: &str) -> String {
+    format!("{command_key}-{method_id}")
+}
+
 /// A notification's id, derived from what it is about (e.g. a command id and its kind).
 pub fn notification_id(subscriber: &SubscriberId, about: &str, kind: &str) -> String {
     let name = format!("notification/{subscriber}/{about}/{kind}");
@@ -85,6 +101,16 @@ mod tests {
         assert!(SubscriberId::parse("").is_err());
         assert!(SubscriberId::parse("has space").is_err());
         assert!(SubscriberId::parse(&"x".repeat(129)).is_err());
+    }
+
+    #[test]
+    fn payment_method_ids_follow_the_method_not_its_place() {
+        let card = payment_method_id(1, "tok_visa");
+        assert_eq!(card, payment_method_id(1, "tok_visa"));
+        assert_ne!(card, payment_method_id(1, "tok_other"));
+        assert_ne!(card, payment_method_id(3, "tok_visa"));
+        assert!(card.starts_with("pm-") && card.len() == 19, "{card}");
+        assert_ne!(method_idempotency_key("k", &card), method_idempotency_key("k", "pm-x"));
     }
 
     #[test]

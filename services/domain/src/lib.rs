@@ -17,10 +17,13 @@ mod signing;
 pub use balance::BalanceObservation;
 pub use code::{CodeError, CodeKey, SEALED_CODE_PARAMETER};
 pub use error::{Invalid, ValidationError};
-pub use ids::{command_id, idempotency_key, monthly_command_id, notification_id, SubscriberId};
+pub use ids::{
+    command_id, idempotency_key, method_idempotency_key, monthly_command_id, notification_id,
+    payment_method_id, SubscriberId,
+};
 pub use limits::{CarrierLimits, ChargeRange, LimitsSyntax};
 pub use mask::{mask_contact, mask_token};
 pub use money::{Currency, Money};
-pub use outcome::TopUpOutcome;
+pub use outcome::{OutcomeStatus, TopUpOutcome};
 pub use rule::{Channel, MonthlyTopUp, PaymentMethod, Rule, RuleState, TopUpAmount, YearMonth};
 pub use signing::request_signature;

@@ -36,6 +36,8 @@ pub enum TopUpAmount {
 /// A stored payment method: an opaque gateway token with its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentMethod {
+    /// Stable id on the rule (see [`crate::payment_method_id`]).
+    pub id: String,
     /// Gateway token; never a card number.
     pub token: String,
     /// Card, debit card, Alipay, WeChat Pay, ...
@@ -239,7 +241,18 @@ fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMet
     if raw.label.len() > 64 {
         return Err(ValidationError::new(format!("{field}.label"), "is longer than 64 bytes"));
     }
+    if raw.method_id.len() > 64 || !raw.method_id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ValidationError::new(
+            format!("{field}.method_id"),
+            "must be at most 64 printable ASCII characters",
+        ));
+    }
     Ok(PaymentMethod {
+        id: if raw.method_id.is_empty() {
+            crate::payment_method_id(raw.kind, &raw.token)
+        } else {
+            raw.method_id.clone()
+        },
         token: raw.token.clone(),
         kind,
         label: raw.label.clone(),
@@ -372,6 +385,11 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
                 Some(MonthlyTopUp { day_of_month: m.day_of_month, amount })
             }
         };
+        // The wire form carries every method's id, so commands built from it do.
+        let mut wire = raw.clone();
+        for (method, valid) in wire.payment_methods.iter_mut().zip(&payment_methods) {
+            method.method_id.clone_from(&valid.id);
+        }
         Ok(Rule {
             monthly,
             subscriber,
@@ -384,7 +402,7 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
             max_topups_per_day: (raw.max_topups_per_day > 0).then_some(raw.max_topups_per_day),
             max_amount_per_month,
             carrier_id: raw.carrier_id.clone(),
-            wire: raw.clone(),
+            wire,
         })
     }
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use topup_domain::{
     command_id, idempotency_key, monthly_command_id, notification_id, BalanceObservation, Money,
-    Rule, RuleState, SubscriberId, TopUpOutcome, YearMonth,
+    OutcomeStatus, Rule, RuleState, SubscriberId, TopUpOutcome, YearMonth,
 };
 use topup_proto::v1::{NotificationCommand, NotificationKind, TopUpCommand, TopUpTrigger};
 use topup_proto::Timestamp;
@@ -44,6 +44,26 @@ pub struct SubscriberState {
     /// A top-up succeeded after the last balance seen: that balance is stale, and a rule
     /// change (pause and resume) must not fire on it again.
     pub awaiting_credit: bool,
+    /// A charged top-up whose credit by the carrier has not been seen yet.
+    pub credit_watch: Option<CreditWatch>,
+    /// One more than the offset of the rule in force on topup.rules.v1 (0 unknown): the
+    /// version commands carry, so that the payment worker can tell a later rule change.
+    pub rule_version: u64,
+}
+
+/// A top-up that was charged and that the carrier has yet to credit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditWatch {
+    /// Its command id.
+    pub command_id: String,
+    /// What was charged.
+    pub amount: Money,
+    /// The balance before the top-up, in minor units.
+    pub balance_before_minor: i64,
+    /// By when (seconds since the epoch) the credit must have been seen.
+    pub due: i64,
+    /// The subscriber and operators have been told it is overdue.
+    pub raised: bool,
 }
 
 /// The last balance seen.
@@ -79,6 +99,16 @@ pub struct InFlight {
     pub issued_at: i64,
     /// How many times its command was issued again by [`reissue_overdue`].
     pub reissued: u32,
+    /// The payment worker could not learn whether money moved: kept in flight, its caps
+    /// kept, never issued again, until a settlement arrives.
+    pub awaiting_reconciliation: bool,
+    /// The command's payment methods (with their ids), so a command issued again carries
+    /// exactly these, and so the same idempotency keys.
+    pub payment_methods: Vec<topup_proto::v1::PaymentMethod>,
+    /// The rule version the command carried.
+    pub rule_version: u64,
+    /// The balance that caused it, in minor units.
+    pub cause_balance_minor: i64,
 }
 
 /// Where an input record is: its topic (one of the evaluator's inputs) and offset.
@@ -103,6 +133,18 @@ pub struct CapCounters {
     pub amount_this_month: i64,
 }
 
+impl InFlight {
+    /// The command's payment methods; a state written before they were kept has none, and
+    /// then the rule's stand in.
+    fn methods_or<'a>(&'a self, rule: &'a Rule) -> &'a [topup_proto::v1::PaymentMethod] {
+        if self.payment_methods.is_empty() {
+            &rule.wire.payment_methods
+        } else {
+            &self.payment_methods
+        }
+    }
+}
+
 impl SubscriberState {
     /// A subscriber seen for the first time.
     pub fn new(subscriber: SubscriberId) -> Self {
@@ -119,6 +161,8 @@ impl SubscriberState {
             monthly_period: String::new(),
             expiry_reminded: Vec::new(),
             awaiting_credit: false,
+            credit_watch: None,
+            rule_version: 0,
         }
     }
 }
@@ -152,11 +196,14 @@ pub struct Settings {
     /// Seconds a top-up may wait for its result before its command is issued again under
     /// the same id (see [`reissue_overdue`]); 0 never.
     pub reissue_after_secs: i64,
+    /// Seconds after a charged top-up within which the carrier's credit must be seen (see
+    /// [`credit_overdue`]); 0 never watched.
+    pub credit_deadline_secs: i64,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { reminder_level_minor: 500, reissue_after_secs: 900 }
+        Self { reminder_level_minor: 500, reissue_after_secs: 900, credit_deadline_secs: 900 }
     }
 }
 
@@ -197,6 +244,19 @@ pub fn decide(
                 }
             }
             state.awaiting_credit = false;
+            if let Some(watch) = &state.credit_watch {
+                let rise = state
+                    .balance
+                    .as_ref()
+                    .map_or(0, |last| observation.balance.minor.saturating_sub(last.money.minor));
+                if observation.credited_command_ids.contains(&watch.command_id)
+                    || rise >= watch.amount.minor
+                    || observation.balance.minor
+                        >= watch.balance_before_minor.saturating_add(watch.amount.minor)
+                {
+                    state.credit_watch = None;
+                }
+            }
             state.balance = Some(LastBalance {
                 money: observation.balance,
                 sequence: observation.sequence,
@@ -241,26 +301,51 @@ pub fn decide(
             }
         }
         Event::Outcome(outcome) => {
-            match &state.in_flight {
-                Some(flight) if flight.command_id == outcome.command_id => {
-                    if !outcome.succeeded {
-                        // Nothing was charged: give back what the top-up took of the caps.
-                        if state.caps.day == flight.issued_day {
-                            state.caps.topups_today = state.caps.topups_today.saturating_sub(1);
-                        }
-                        if state.caps.month == flight.issued_month {
-                            state.caps.amount_this_month =
-                                (state.caps.amount_this_month - flight.amount.minor).max(0);
-                        }
-                    }
-                    state.in_flight = None;
-                    // The balance we know is from before this top-up: until the carrier
-                    // reports the credited one, it must not fire another.
-                    state.awaiting_credit = outcome.succeeded;
-                }
+            let Some(flight) =
+                state.in_flight.clone().filter(|f| f.command_id == outcome.command_id)
+            else {
                 // A result for something no longer in flight (a duplicate): nothing to close.
-                _ => return Ok((state, effects)),
+                return Ok((state, effects));
+            };
+            match outcome.status {
+                OutcomeStatus::Unresolved => {
+                    // Money may have moved: keep the top-up (and what it took of the caps)
+                    // until an operator settles it with the gateway's word.
+                    if let Some(flight) = state.in_flight.as_mut() {
+                        flight.awaiting_reconciliation = true;
+                    }
+                    return Ok((state, effects));
+                }
+                OutcomeStatus::NotCharged => {
+                    // Definitely nothing was charged: give back what the top-up took of the caps.
+                    if state.caps.day == flight.issued_day {
+                        state.caps.topups_today = state.caps.topups_today.saturating_sub(1);
+                    }
+                    if state.caps.month == flight.issued_month {
+                        state.caps.amount_this_month =
+                            (state.caps.amount_this_month - flight.amount.minor).max(0);
+                    }
+                }
+                OutcomeStatus::Charged => {
+                    let credited = state.balance.as_ref().is_some_and(|b| {
+                        b.sequence > flight.cause_sequence
+                            && b.money.minor
+                                >= flight.cause_balance_minor.saturating_add(flight.amount.minor)
+                    });
+                    state.credit_watch =
+                        (settings.credit_deadline_secs > 0 && !credited).then(|| CreditWatch {
+                            command_id: flight.command_id.clone(),
+                            amount: flight.amount,
+                            balance_before_minor: flight.cause_balance_minor,
+                            due: now.seconds.saturating_add(settings.credit_deadline_secs),
+                            raised: false,
+                        });
+                }
             }
+            // The balance we know is from before this top-up: until the carrier reports the
+            // credited one, it must not fire another.
+            state.awaiting_credit = outcome.charged();
+            state.in_flight = None;
         }
     }
     fire_if_due(&mut state, now, &mut effects);
@@ -307,7 +392,9 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         return;
     }
     let id = command_id(&state.subscriber, balance.sequence, state.commands_issued);
-    let (command, started) = command_effects(state, rule, balance, &id, amount, now);
+    let methods = &rule.wire.payment_methods;
+    let (command, started) =
+        command_effects(state, rule, balance, &id, amount, methods, state.rule_version, now);
     state.in_flight = Some(InFlight {
         command_id: id,
         amount,
@@ -317,6 +404,10 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         issued_by: None,
         issued_at: now.seconds,
         reissued: 0,
+        awaiting_reconciliation: false,
+        payment_methods: methods.clone(),
+        rule_version: state.rule_version,
+        cause_balance_minor: balance.money.minor,
     });
     state.caps.topups_today += 1;
     state.caps.amount_this_month = state.caps.amount_this_month.saturating_add(amount.minor);
@@ -325,21 +416,24 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
     effects.push(Effect::Notify(started));
 }
 
-/// The command for top-up `id` of `amount`, caused by `balance`, and the notification that it
-/// started.
+/// The command for top-up `id` of `amount` with `methods` under rule `rule_version`, caused
+/// by `balance`, and the notification that it started.
+#[allow(clippy::too_many_arguments)]
 fn command_effects(
     state: &SubscriberState,
     rule: &Rule,
     balance: &LastBalance,
     id: &str,
     amount: Money,
+    methods: &[topup_proto::v1::PaymentMethod],
+    rule_version: u64,
     now: Timestamp,
 ) -> (TopUpCommand, NotificationCommand) {
     let command = TopUpCommand {
         command_id: id.to_string(),
         subscriber_id: state.subscriber.to_string(),
         amount: Some(amount.to_wire()),
-        payment_methods: rule.wire.payment_methods.clone(),
+        payment_methods: methods.to_vec(),
         idempotency_key: idempotency_key(id),
         cause_event_id: format!("{}/{}", state.subscriber, balance.sequence),
         cause_sequence: balance.sequence,
@@ -353,6 +447,7 @@ fn command_effects(
         locale: rule.locale.clone(),
         channels: rule.wire.channels.clone(),
         trigger: TopUpTrigger::Threshold as i32,
+        rule_version,
     };
     let mut started = notify(state, rule, NotificationKind::TopUpStarted, id, now);
     started.command_id = id.to_string();
@@ -389,8 +484,16 @@ pub fn reissue(
         }
         _ => state.balance.clone()?,
     };
-    let (command, started) =
-        command_effects(state, rule, &balance, &flight.command_id, flight.amount, now);
+    let (command, started) = command_effects(
+        state,
+        rule,
+        &balance,
+        &flight.command_id,
+        flight.amount,
+        flight.methods_or(rule),
+        flight.rule_version,
+        now,
+    );
     Some(vec![Effect::Command(command), Effect::Notify(started)])
 }
 
@@ -419,7 +522,12 @@ pub fn reissue_overdue(
     else {
         return (state, None);
     };
-    if after <= 0 || !rule.is_active() || flight.reissued >= MAX_REISSUES {
+    // A top-up awaiting reconciliation may have been charged: only a settlement ends it.
+    if after <= 0
+        || !rule.is_active()
+        || flight.reissued >= MAX_REISSUES
+        || flight.awaiting_reconciliation
+    {
         return (state, None);
     }
     if flight.issued_at == 0 {
@@ -432,13 +540,55 @@ pub fn reissue_overdue(
         return (state, None);
     }
     let cause = LastBalance { sequence: flight.cause_sequence, ..balance.clone() };
-    let (command, _) =
-        command_effects(&state, rule, &cause, &flight.command_id, flight.amount, now);
+    let (command, _) = command_effects(
+        &state,
+        rule,
+        &cause,
+        &flight.command_id,
+        flight.amount,
+        flight.methods_or(rule),
+        flight.rule_version,
+        now,
+    );
     if let Some(flight) = state.in_flight.as_mut() {
         flight.issued_at = now.seconds;
         flight.reissued += 1;
     }
     (state, Some(command))
+}
+
+/// The notice that a charged top-up was not credited by the carrier within
+/// `settings.credit_deadline_secs`: the subscriber was charged and may still be without
+/// service, so they and operators (alerting reads topup.notifications.v1 too) are told, once.
+pub fn credit_overdue(
+    mut state: SubscriberState,
+    now: Timestamp,
+) -> (SubscriberState, Option<NotificationCommand>) {
+    let Some(watch) = state.credit_watch.as_ref().filter(|w| !w.raised && now.seconds >= w.due)
+    else {
+        return (state, None);
+    };
+    let kind = NotificationKind::TopUpNotCredited;
+    let mut notice = NotificationCommand {
+        notification_id: notification_id(&state.subscriber, &watch.command_id, kind.as_str_name()),
+        subscriber_id: state.subscriber.to_string(),
+        kind: kind as i32,
+        locale: "en".into(),
+        urgent: true,
+        created_at: Some(now),
+        command_id: watch.command_id.clone(),
+        amount: Some(watch.amount.to_wire()),
+        balance: state.balance.as_ref().map(|b| b.money.to_wire()),
+        ..Default::default()
+    };
+    if let Some(rule) = &state.rule {
+        notice.locale = rule.locale.clone();
+        notice.channels = rule.wire.channels.clone();
+    }
+    if let Some(watch) = state.credit_watch.as_mut() {
+        watch.raised = true;
+    }
+    (state, Some(notice))
 }
 
 /// Days before a payment method's expiry when the subscriber is reminded to update it.
@@ -478,8 +628,17 @@ pub fn on_day(mut state: SubscriberState, now: Timestamp) -> (SubscriberState, V
                     .map(|b| b.carrier_id.clone())
                     .unwrap_or_default(),
             };
-            let (mut command, started) =
-                command_effects(&state, &rule, &balance, &id, monthly.amount, now);
+            let methods = &rule.wire.payment_methods;
+            let (mut command, started) = command_effects(
+                &state,
+                &rule,
+                &balance,
+                &id,
+                monthly.amount,
+                methods,
+                state.rule_version,
+                now,
+            );
             command.trigger = TopUpTrigger::Monthly as i32;
             command.cause_event_id = format!("{}/monthly/{period}", state.subscriber);
             effects.push(Effect::Command(command));

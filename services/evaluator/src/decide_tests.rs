@@ -1,6 +1,8 @@
 //! Unit and property tests of the pure decision.
 use proptest::prelude::*;
-use topup_domain::{BalanceObservation, Currency, Money, Rule, SubscriberId, TopUpOutcome};
+use topup_domain::{
+    BalanceObservation, Currency, Money, OutcomeStatus, Rule, SubscriberId, TopUpOutcome,
+};
 use topup_proto::v1::{self as wire, NotificationKind};
 use topup_proto::Timestamp;
 
@@ -44,11 +46,17 @@ fn balance(minor: i64, sequence: u64) -> Event {
         sequence,
         observed_at: None,
         event_id: String::new(),
+        credited_command_ids: Vec::new(),
     })
 }
 
 fn outcome(command_id: &str, succeeded: bool) -> Event {
-    Event::Outcome(TopUpOutcome { subscriber: sub(), command_id: command_id.into(), succeeded })
+    let status = if succeeded { OutcomeStatus::Charged } else { OutcomeStatus::NotCharged };
+    outcome_with(command_id, status)
+}
+
+fn outcome_with(command_id: &str, status: OutcomeStatus) -> Event {
+    Event::Outcome(TopUpOutcome { subscriber: sub(), command_id: command_id.into(), status })
 }
 
 /// Applies events in order to a new subscriber; returns the final state and every effect.
@@ -536,4 +544,102 @@ fn reissues_stop_after_a_few_and_wait_for_an_active_rule_and_a_known_issue_time(
     assert!(again.is_none());
     assert_eq!(state.in_flight.as_ref().map(|f| f.issued_at), Some(later(100_000).seconds));
     assert!(reissue_overdue(state, later(100_060), &settings).1.is_some());
+}
+
+#[test]
+fn a_top_up_needing_reconciliation_stays_in_flight_keeps_its_caps_and_is_never_reissued() {
+    let settings = Settings { reissue_after_secs: 60, ..Settings::default() };
+    let later = |secs: i64| Timestamp { seconds: NOW.seconds + secs, nanos: 0 };
+    let mut raw = wire_rule(wire::RuleState::Active);
+    raw.max_topups_per_day = 1;
+    let (state, effects) = run(vec![rule_event(&raw), balance(1500, 1), balance(500, 2)]);
+    let id = commands(&effects)[0].command_id.clone();
+    let (state, effects) =
+        run_from(state, vec![outcome_with(&id, OutcomeStatus::Unresolved), balance(400, 3)]);
+    assert!(commands(&effects).is_empty(), "one top-up in flight, and it may have been charged");
+    assert!(state.in_flight.as_ref().is_some_and(|f| f.awaiting_reconciliation));
+    assert_eq!(state.caps.topups_today, 1, "the cap is kept: money may have moved");
+    assert!(reissue_overdue(state.clone(), later(100_000), &settings).1.is_none());
+    // The operator's settlement: refused after all. Caps given back, the top-up closed.
+    let (settled, _) = run_from(state.clone(), vec![outcome(&id, false)]);
+    assert!(settled.in_flight.is_none());
+    assert_eq!(settled.caps.topups_today, 0);
+    // Or charged after all: closed, caps kept.
+    let (settled, _) = run_from(state, vec![outcome(&id, true)]);
+    assert!(settled.in_flight.is_none());
+    assert_eq!(settled.caps.topups_today, 1);
+}
+
+#[test]
+fn a_reissued_command_carries_the_original_methods_and_rule_version_after_a_rule_change() {
+    let settings = Settings { reissue_after_secs: 60, ..Settings::default() };
+    let later = |secs: i64| Timestamp { seconds: NOW.seconds + secs, nanos: 0 };
+    let (mut state, _) = run(vec![rule_event(&wire_rule(wire::RuleState::Active))]);
+    state.rule_version = 7;
+    let (state, effects) = run_from(state, vec![balance(1500, 1), balance(500, 2)]);
+    let issued = commands(&effects)[0].clone();
+    assert_eq!(issued.rule_version, 7);
+    assert!(issued.payment_methods.iter().all(|m| m.method_id.starts_with("pm-")));
+    // The subscriber adds a card in front of the old one.
+    let mut changed = wire_rule(wire::RuleState::Active);
+    changed.payment_methods.insert(
+        0,
+        wire::PaymentMethod {
+            token: "tok_new_card".into(),
+            kind: wire::PaymentMethodKind::Card as i32,
+            ..Default::default()
+        },
+    );
+    let (mut state, _) = run_from(state, vec![rule_event(&changed)]);
+    state.rule_version = 9;
+    let (_, again) = reissue_overdue(state, later(60), &settings);
+    let again = again.expect("issued again");
+    assert_eq!(again.payment_methods, issued.payment_methods, "exactly the original methods");
+    assert_eq!(again.rule_version, 7);
+    assert_eq!(again.idempotency_key, issued.idempotency_key);
+}
+
+#[test]
+fn a_charged_top_up_the_carrier_does_not_credit_is_raised_once() {
+    let settings = Settings::default();
+    let later = |secs: i64| Timestamp { seconds: NOW.seconds + secs, nanos: 0 };
+    let (state, effects) = run(vec![
+        rule_event(&wire_rule(wire::RuleState::Active)),
+        balance(1500, 1),
+        balance(500, 2),
+    ]);
+    let id = commands(&effects)[0].command_id.clone();
+    let (state, _) = run_from(state, vec![outcome(&id, true)]);
+    assert!(state.credit_watch.is_some());
+    // Usage, but no credit: still watched.
+    let (state, _) = run_from(state, vec![balance(450, 3)]);
+    let (state, early) = credit_overdue(state, later(settings.credit_deadline_secs - 1));
+    assert!(early.is_none());
+    let (state, notice) = credit_overdue(state, later(settings.credit_deadline_secs));
+    let notice = notice.expect("raised");
+    assert_eq!(notice.kind, NotificationKind::TopUpNotCredited as i32);
+    assert_eq!(notice.command_id, id);
+    assert!(credit_overdue(state.clone(), later(100_000)).1.is_none(), "once");
+
+    // A credit seen in time ends the watch: by the amount, or by the carrier's word.
+    let (state, effects) = run(vec![
+        rule_event(&wire_rule(wire::RuleState::Active)),
+        balance(1500, 1),
+        balance(500, 2),
+    ]);
+    let id = commands(&effects)[0].command_id.clone();
+    let (credited, _) = run_from(state.clone(), vec![outcome(&id, true), balance(5500, 3)]);
+    assert!(credited.credit_watch.is_none());
+    let (mut acknowledged, _) = run_from(state, vec![outcome(&id, true)]);
+    let ack = Event::Balance(BalanceObservation {
+        subscriber: sub(),
+        carrier_id: "c".into(),
+        balance: Money::new(Currency::parse("CNY").unwrap(), 300),
+        sequence: 3,
+        observed_at: None,
+        event_id: String::new(),
+        credited_command_ids: vec![id],
+    });
+    (acknowledged, _) = run_from(acknowledged, vec![ack]);
+    assert!(acknowledged.credit_watch.is_none());
 }

@@ -56,6 +56,12 @@ pub struct Config {
     /// every tick.
     #[arg(long, env = "EVALUATOR_REISSUE_AFTER_SECS", default_value_t = 900)]
     pub reissue_after_secs: i64,
+
+    /// Seconds after a charged top-up within which the carrier's credit must be seen (a
+    /// balance that rises by the amount, or one listing the top-up in
+    /// credited_command_ids); past it the subscriber and operators are told; 0 never.
+    #[arg(long, env = "EVALUATOR_CREDIT_DEADLINE_SECS", default_value_t = 900)]
+    pub credit_deadline_secs: i64,
 }
 
 impl Config {
@@ -70,6 +76,7 @@ impl Config {
             reminder_level_minor: 500,
             tick_ms: 10_000,
             reissue_after_secs: 900,
+            credit_deadline_secs: 900,
         }
     }
 }
@@ -108,6 +115,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> topup_kafka::Re
     let settings = Settings {
         reminder_level_minor: config.reminder_level_minor,
         reissue_after_secs: config.reissue_after_secs,
+        credit_deadline_secs: config.credit_deadline_secs,
     };
     run_pipeline(spec, || Evaluator::new(config.kafka.clone(), settings), shutdown).await
 }

@@ -21,6 +21,8 @@ pub(crate) struct Exported {
     /// `topup_topups_reissued_total`: commands issued again after waiting too long for a
     /// result.
     pub(crate) topups_reissued: topup_kafka::ops::LabeledCounter,
+    /// `topup_credits_overdue_total`: charged top-ups the carrier did not credit in time.
+    pub(crate) credits_overdue: topup_kafka::ops::LabeledCounter,
     /// `topup_command_latency_seconds`: balance observed → command issued.
     pub(crate) command_latency: topup_kafka::ops::LatencyHistogram,
 }
@@ -35,6 +37,10 @@ pub(crate) fn exported() -> &'static Exported {
         topups_reissued: topup_kafka::ops::LabeledCounter::new(
             "topups_reissued",
             "Top-up commands issued again under the same id after waiting too long for a result",
+        ),
+        credits_overdue: topup_kafka::ops::LabeledCounter::new(
+            "credits_overdue",
+            "Charged top-ups whose credit by the carrier was not seen within the deadline",
         ),
         command_latency: topup_kafka::ops::LatencyHistogram::new(
             "command_latency_seconds",

@@ -206,6 +206,33 @@ impl Evaluator {
     }
 }
 
+impl Evaluator {
+    /// Every tick: charged top-ups whose credit the carrier has not reported in time (see
+    /// [`crate::decide::credit_overdue`]).
+    fn credits_overdue(&mut self, now: topup_proto::Timestamp, out: &mut Vec<Output>) {
+        let mut raised = Vec::new();
+        for (partition, states) in self.store.partitions_mut() {
+            for (subscriber, state) in states.iter_mut().filter(|(_, s)| s.credit_watch.is_some()) {
+                let (after, notice) = crate::decide::credit_overdue(state.clone(), now);
+                if let Some(notice) = notice {
+                    *state = after;
+                    raised.push((partition, subscriber.clone(), state.encode_record(), notice));
+                }
+            }
+        }
+        for (partition, subscriber, record, notice) in raised {
+            tracing::error!(
+                subscriber = %subscriber,
+                command_id = %notice.command_id,
+                "a charged top-up was not credited by the carrier in time"
+            );
+            metrics::exported().credits_overdue.inc(&[]);
+            out.push(self.store.record_bytes(partition, &subscriber, record));
+            out.push(Output::message(topics::NOTIFICATIONS, &subscriber, &notice));
+        }
+    }
+}
+
 impl Processor for Evaluator {
     async fn assigned(&mut self, partitions: &BTreeSet<i32>) -> topup_kafka::Result<()> {
         self.scanned_day = None;
@@ -237,6 +264,11 @@ impl Processor for Evaluator {
         let kept = before.clone();
         match decide(before, event, &origin, input.time(), &self.settings) {
             Ok((mut after, effects)) => {
+                if input.topic == topics::RULES {
+                    // The version commands carry: the payment worker compares it with the
+                    // rules it reads itself.
+                    after.rule_version = u64::try_from(input.offset).map_or(0, |o| o + 1);
+                }
                 if effects.iter().any(|e| matches!(e, Effect::Command(_))) {
                     if let Some(flight) = after.in_flight.as_mut() {
                         flight.issued_by = record;
@@ -315,6 +347,7 @@ impl Processor for Evaluator {
         }
         self.scanned_day = Some(day);
         self.reissue_overdue(now, &mut out);
+        self.credits_overdue(now, &mut out);
         out
     }
 }

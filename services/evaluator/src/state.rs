@@ -3,7 +3,9 @@ use topup_domain::{Money, Rule, SubscriberId, ValidationError};
 use topup_proto::evaluator::v1 as changelog;
 use topup_proto::Message;
 
-use crate::decide::{CapCounters, InFlight, InputRecord, LastBalance, SubscriberState};
+use crate::decide::{
+    CapCounters, CreditWatch, InFlight, InputRecord, LastBalance, SubscriberState,
+};
 use changelog::InputTopic;
 use topup_proto::topics;
 
@@ -69,6 +71,8 @@ impl SubscriberState {
             || self.monthly_period != other.monthly_period
             || self.expiry_reminded != other.expiry_reminded
             || self.awaiting_credit != other.awaiting_credit
+            || self.credit_watch != other.credit_watch
+            || self.rule_version != other.rule_version
             || self.subscriber != other.subscriber
     }
 
@@ -90,6 +94,10 @@ impl SubscriberState {
                 cause_offset: f.issued_by.map_or(0, |r| r.offset),
                 issued_at_seconds: f.issued_at,
                 reissued: f.reissued,
+                awaiting_reconciliation: f.awaiting_reconciliation,
+                payment_methods: f.payment_methods.clone(),
+                rule_version: f.rule_version,
+                cause_balance_minor: f.cause_balance_minor,
             }),
             armed: self.armed,
             reminder_armed: self.reminder_armed,
@@ -102,6 +110,14 @@ impl SubscriberState {
             monthly_period: self.monthly_period.clone(),
             expiry_reminded: self.expiry_reminded.clone(),
             awaiting_credit: self.awaiting_credit,
+            credit_watch: self.credit_watch.as_ref().map(|w| changelog::CreditWatch {
+                command_id: w.command_id.clone(),
+                amount: Some(w.amount.to_wire()),
+                balance_before_minor: w.balance_before_minor,
+                due_seconds: w.due,
+                raised: w.raised,
+            }),
+            rule_version: self.rule_version,
         }
     }
 }
@@ -144,6 +160,22 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
                     .map(|topic| InputRecord { topic, offset: f.cause_offset }),
                 issued_at: f.issued_at_seconds,
                 reissued: f.reissued,
+                awaiting_reconciliation: f.awaiting_reconciliation,
+                // A state written before methods were kept here issues again with the
+                // rule's methods (see `crate::decide::reissue_overdue`).
+                payment_methods: f.payment_methods.clone(),
+                rule_version: f.rule_version,
+                cause_balance_minor: f.cause_balance_minor,
+            }),
+            None => None,
+        };
+        let credit_watch = match record.credit_watch.as_ref() {
+            Some(w) => Some(CreditWatch {
+                command_id: w.command_id.clone(),
+                amount: money(w.amount.as_ref(), "credit_watch.amount")?,
+                balance_before_minor: w.balance_before_minor,
+                due: w.due_seconds,
+                raised: w.raised,
             }),
             None => None,
         };
@@ -170,6 +202,8 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
             monthly_period: record.monthly_period.clone(),
             expiry_reminded: record.expiry_reminded.clone(),
             awaiting_credit: record.awaiting_credit,
+            credit_watch,
+            rule_version: record.rule_version,
         })
     }
 }

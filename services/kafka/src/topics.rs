@@ -32,7 +32,10 @@ impl TopicSpec {
             .map(|name| TopicSpec {
                 name,
                 partitions,
-                compacted: matches!(*name, topics::EVALUATOR_STATE | topics::NOTIFIER_STATE),
+                compacted: matches!(
+                    *name,
+                    topics::EVALUATOR_STATE | topics::NOTIFIER_STATE | topics::RULES
+                ),
             })
             .collect()
     }

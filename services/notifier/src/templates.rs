@@ -33,6 +33,12 @@ macro_rules! locale {
                 $dir,
                 "/payment_method_expiring.txt"
             )),
+            top_up_cancelled: include_str!(concat!("../templates/", $dir, "/top_up_cancelled.txt")),
+            top_up_not_credited: include_str!(concat!(
+                "../templates/",
+                $dir,
+                "/top_up_not_credited.txt"
+            )),
             reasons: include_str!(concat!("../templates/", $dir, "/reasons.txt")),
             subjects: include_str!(concat!("../templates/", $dir, "/subjects.txt")),
         }
@@ -50,6 +56,8 @@ struct Locale {
     rule_activated: &'static str,
     confirmation_code: &'static str,
     payment_method_expiring: &'static str,
+    top_up_cancelled: &'static str,
+    top_up_not_credited: &'static str,
     reasons: &'static str,
     subjects: &'static str,
 }
@@ -153,6 +161,8 @@ pub fn render(notification: &NotificationCommand) -> Rendered {
         NotificationKind::RuleActivated => locale.rule_activated,
         NotificationKind::ConfirmationCode => locale.confirmation_code,
         NotificationKind::PaymentMethodExpiring => locale.payment_method_expiring,
+        NotificationKind::TopUpCancelled => locale.top_up_cancelled,
+        NotificationKind::TopUpNotCredited => locale.top_up_not_credited,
     };
     let mut values: HashMap<&str, String> = HashMap::new();
     for (name, money) in [

@@ -7,6 +7,7 @@
 
 pub mod gateway;
 pub mod metrics;
+pub mod rules;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -19,7 +20,8 @@ use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
 use topup_proto::topics;
 
 pub use gateway::{AnyGateway, HttpGateway, HttpGatewayConfig, PaymentGateway, Sandbox};
-pub use worker::{Limits, PaymentWorker, RetryPolicy};
+pub use rules::RuleView;
+pub use worker::{CommandAges, Limits, PaymentWorker, RetryPolicy};
 
 /// Which gateway charges.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -107,6 +109,25 @@ pub struct Config {
     )]
     pub retry_deadline_secs: u64,
 
+    /// The longest a command may wait before it is charged, per payment rail
+    /// (`kind=seconds`, `*` for the rest): older commands are cancelled, not charged.
+    #[arg(
+        long = "payment-max-command-age",
+        env = "PAYMENT_MAX_COMMAND_AGE",
+        default_value = "*=1800",
+        value_parser = CommandAges::parse
+    )]
+    pub max_command_age: CommandAges,
+
+    /// How long the gateway remembers an idempotency key, in seconds: an unknown outcome is
+    /// resolved only by status lookup once the key is near the end of it.
+    #[arg(
+        long = "payment-gateway-key-retention-secs",
+        env = "PAYMENT_GATEWAY_KEY_RETENTION_SECS",
+        default_value_t = 86_400
+    )]
+    pub key_retention_secs: u64,
+
     /// Subscribers charged at once within a batch.
     #[arg(long = "payment-concurrency", env = "PAYMENT_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
@@ -138,6 +159,8 @@ impl Config {
             initial_backoff_ms: 500,
             max_backoff_ms: 10_000,
             retry_deadline_secs: 300,
+            max_command_age: CommandAges::default(),
+            key_retention_secs: 86_400,
             concurrency: 32,
             max_batch: 100,
         }
@@ -229,8 +252,15 @@ pub async fn run<G: PaymentGateway + Clone>(
         format!("{transactional_id}-retries"),
     );
     let (retry, concurrency) = (config.retry_policy(), config.concurrency);
-    let limits = Limits { max_single_charge_minor: config.max_single_charge_minor };
-    let worker = || PaymentWorker::new(gateway.clone(), retry, limits, concurrency);
+    let limits = Limits {
+        max_single_charge_minor: config.max_single_charge_minor,
+        max_command_age: config.max_command_age.clone(),
+        key_retention: Duration::from_secs(config.key_retention_secs.max(1)),
+    };
+    // One view of the rules for both lanes of this instance.
+    let rules = RuleView::start(&config.kafka, shutdown.clone());
+    let worker =
+        || PaymentWorker::new(gateway.clone(), retry, limits.clone(), rules.clone(), concurrency);
     let (a, b) = tokio::join!(
         run_pipeline(commands, worker, shutdown.clone()),
         run_pipeline(retries, worker, shutdown.clone()),

@@ -7,12 +7,21 @@
 //! `topup.payment-retries.v1` (in the same transaction as the offset), and the retry lane —
 //! a second pipeline over that topic — charges again once the backoff has passed, with the
 //! same idempotency key. Within a batch, different subscribers are charged concurrently.
+//!
+//! Money rules (see `docs/payments.md`): an unknown outcome is never taken for a refusal —
+//! it is resolved by asking the gateway about its key and sending the same key again, and
+//! past the deadline it becomes a top-up that needs reconciliation; each method has its own
+//! key, derived from the command's key and the method's stable id; and a charge is made
+//! only while the rule (as read from `topup.rules.v1` by [`RuleView`]) is active and holds
+//! the method, and the command is younger than its rail's bound.
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
-use topup_domain::{mask_token, notification_id, Currency, Money, SubscriberId, YearMonth};
+use topup_domain::{
+    mask_token, method_idempotency_key, notification_id, Currency, Money, SubscriberId, YearMonth,
+};
 use topup_kafka::{
     dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output, Processor,
     Refusal,
@@ -24,8 +33,9 @@ use topup_proto::v1::{
     TopUpCommand, TopUpResult, TopUpStatus,
 };
 
-use crate::gateway::{ChargeOutcome, ChargeRequest, PaymentGateway};
+use crate::gateway::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
 use crate::metrics::{self, count};
+use crate::rules::{method_id_of, RuleView};
 
 const SERVICE: &str = "topup-payment-worker";
 
@@ -72,10 +82,60 @@ impl RetryPolicy {
 }
 
 /// Limits the worker enforces whatever the evaluator says.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Largest single charge, in minor units.
     pub max_single_charge_minor: i64,
+    /// How old a command may be when it is charged, per payment rail.
+    pub max_command_age: CommandAges,
+    /// How long the gateway remembers an idempotency key: an unknown outcome is resolved by
+    /// sending the key again only well inside it, and by status lookup alone near its end.
+    pub key_retention: Duration,
+}
+
+/// The longest a command may wait before it is charged, per payment method kind ("card",
+/// "alipay", ...) with a default: a top-up asked for long ago is not what the subscriber
+/// expects now. Written `card=900,wechat_pay=86400,*=1800`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandAges {
+    default: Duration,
+    by_kind: Vec<(PaymentMethodKind, Duration)>,
+}
+
+impl Default for CommandAges {
+    /// 30 minutes for every rail.
+    fn default() -> Self {
+        Self { default: Duration::from_secs(1800), by_kind: Vec::new() }
+    }
+}
+
+impl CommandAges {
+    /// Parses `kind=seconds,...,*=seconds`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let mut ages = Self::default();
+        for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (kind, secs) =
+                entry.split_once('=').ok_or_else(|| format!("{entry:?}: expected kind=seconds"))?;
+            let secs: u64 =
+                secs.trim().parse().map_err(|_| format!("{entry:?}: {secs:?} is not seconds"))?;
+            let age = Duration::from_secs(secs);
+            if kind.trim() == "*" {
+                ages.default = age;
+                continue;
+            }
+            let name = format!("PAYMENT_METHOD_KIND_{}", kind.trim().to_ascii_uppercase());
+            let kind = PaymentMethodKind::from_str_name(&name)
+                .filter(|k| *k != PaymentMethodKind::Unspecified)
+                .ok_or_else(|| format!("{entry:?}: {kind:?} is not a payment method kind"))?;
+            ages.by_kind.push((kind, age));
+        }
+        Ok(ages)
+    }
+
+    /// The bound for a method of `kind`.
+    pub fn for_kind(&self, kind: i32) -> Duration {
+        self.by_kind.iter().find(|(k, _)| *k as i32 == kind).map_or(self.default, |(_, a)| *a)
+    }
 }
 
 /// A command being charged, and how far it got.
@@ -86,15 +146,43 @@ struct Charge {
     method_index: usize,
     attempts_on_method: u32,
     deadline: SystemTime,
+    /// The last attempt on the current method may have charged: it is resolved before
+    /// anything else, and no other method is tried until it is.
+    outcome_unknown: bool,
+    /// When the current method's key was first sent.
+    first_attempt_at: Option<SystemTime>,
     result: TopUpResult,
 }
 
 /// Where a charge stands after [`PaymentWorker::advance`].
 enum Step {
-    /// Charged, or every method failed: answer the evaluator.
+    /// Definite (charged, refused, cancelled) or past resolving (needs reconciliation):
+    /// answer the evaluator.
     Finished(Box<TopUpResult>),
-    /// Charge the same method again later, from the retry lane.
+    /// Charge (or ask about) the same method again later, from the retry lane.
     Later(Box<ChargeRetry>),
+}
+
+/// May the current method be charged now?
+enum Authorised {
+    Yes,
+    /// The rule is paused or deleted: no charge at all.
+    RuleNotActive,
+    /// The method is no longer on the rule: try the next one.
+    MethodRemoved,
+    /// The command is older than its rail's bound.
+    Expired,
+    /// The rules are not read far enough to tell: ask again later.
+    NotYet,
+}
+
+/// What a status lookup settled.
+enum Resolution {
+    Charged(String),
+    Refused(FailureReason, String),
+    /// Nothing moved: the gateway never processed the key.
+    NotCharged,
+    Unknown(String),
 }
 
 /// The payment worker's processor, for both the command lane and the retry lane.
@@ -102,18 +190,30 @@ pub struct PaymentWorker<G> {
     gateway: G,
     retry: RetryPolicy,
     limits: Limits,
+    rules: RuleView,
     /// Subscribers charged at once within one batch.
     concurrency: usize,
 }
 
+/// The longest a batch waits for the rule view to catch up before its charges are parked.
+const RULES_CATCH_UP: Duration = Duration::from_secs(5);
+
 impl<G: PaymentGateway> PaymentWorker<G> {
-    /// A worker charging through `gateway`, at most `concurrency` subscribers at once.
-    pub fn new(gateway: G, retry: RetryPolicy, limits: Limits, concurrency: usize) -> Self {
-        Self { gateway, retry, limits, concurrency: concurrency.max(1) }
+    /// A worker charging through `gateway`, at most `concurrency` subscribers at once,
+    /// authorising each charge against `rules`.
+    pub fn new(
+        gateway: G,
+        retry: RetryPolicy,
+        limits: Limits,
+        rules: RuleView,
+        concurrency: usize,
+    ) -> Self {
+        Self { gateway, retry, limits, rules, concurrency: concurrency.max(1) }
     }
 
-    /// One record of either lane, to what it produces.
-    async fn handle(&self, input: &Input) -> Answer {
+    /// One record of either lane, to what it produces. `rules_current`: the rule view has
+    /// read every rule change committed before this batch.
+    async fn handle(&self, input: &Input, rules_current: bool) -> Answer {
         let charge = if input.topic == topics::PAYMENT_RETRIES {
             let retry: ChargeRetry = decode(input, |r: &ChargeRetry| {
                 r.command.as_ref().map_or("", |c| &c.subscriber_id)
@@ -135,23 +235,24 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                     count(&metrics::DEAD_LETTERS);
                     tracing::warn!(command_id = %result.command_id, %reason, "command refused by a safety limit");
                     metrics::completed(&result);
-                    let notification = notify(&result, None);
-                    return Ok(vec![
-                        Output::message(topics::RESULTS, &result.subscriber_id, &*result),
-                        Output::message(
+                    let mut out =
+                        vec![Output::message(topics::RESULTS, &result.subscriber_id, &*result)];
+                    if let Some(notification) = notify(&result, None) {
+                        out.push(Output::message(
                             topics::NOTIFICATIONS,
                             &result.subscriber_id,
                             &notification,
-                        ),
-                        dead_letter(input, SERVICE, &reason),
-                    ]);
+                        ));
+                    }
+                    out.push(dead_letter(input, SERVICE, &reason));
+                    return Ok(out);
                 }
             }
         };
         let subscriber = charge.subscriber.clone();
         let locale_channels = (charge.command.locale.clone(), charge.command.channels.clone());
         let command_id = charge.command.command_id.clone();
-        let (step, expired) = self.advance(charge).await;
+        let (step, expired) = self.advance(charge, rules_current).await;
         let mut out = match step {
             Step::Later(retry) => {
                 count(&metrics::RETRIES_SCHEDULED);
@@ -159,11 +260,15 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             }
             Step::Finished(result) => {
                 metrics::completed(&result);
-                let notification = notify(&result, Some(locale_channels.clone()));
-                vec![
-                    Output::message(topics::RESULTS, subscriber.as_str(), &*result),
-                    Output::message(topics::NOTIFICATIONS, subscriber.as_str(), &notification),
-                ]
+                let mut out = vec![Output::message(topics::RESULTS, subscriber.as_str(), &*result)];
+                if let Some(notification) = notify(&result, Some(locale_channels.clone())) {
+                    out.push(Output::message(
+                        topics::NOTIFICATIONS,
+                        subscriber.as_str(),
+                        &notification,
+                    ));
+                }
+                out
             }
         };
         // An expired method was skipped: tell the subscriber to update it, whether or not
@@ -222,6 +327,8 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             method_index: 0,
             attempts_on_method: 0,
             deadline: SystemTime::now() + self.retry.deadline,
+            outcome_unknown: false,
+            first_attempt_at: None,
             result,
         })
     }
@@ -245,108 +352,239 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             method_index: usize::try_from(retry.method_index).unwrap_or(usize::MAX),
             attempts_on_method: retry.attempts_on_method,
             deadline: retry.deadline.as_ref().map_or_else(SystemTime::now, system_time),
+            outcome_unknown: retry.outcome_unknown,
+            first_attempt_at: retry.first_attempt_at.as_ref().map(system_time),
             result,
             command,
         })
     }
 
+    /// May `charge`'s current method (`method_id`, of `kind`) be charged now: is the command
+    /// young enough for its rail, the rule still active and the method still on it?
+    fn authorise(&self, charge: &Charge, method_id: &str, kind: i32, current: bool) -> Authorised {
+        if let Some(issued) = charge.command.issued_at.as_ref() {
+            let age = SystemTime::now().duration_since(system_time(issued)).unwrap_or_default();
+            if age > self.limits.max_command_age.for_kind(kind) {
+                return Authorised::Expired;
+            }
+        }
+        if !current {
+            return Authorised::NotYet;
+        }
+        match self.rules.rule(charge.subscriber.as_str()) {
+            // Not yet read up to the rule the command was issued under.
+            Some(rule) if rule.version < charge.command.rule_version => Authorised::NotYet,
+            Some(rule) if !rule.active => Authorised::RuleNotActive,
+            Some(rule) if !rule.method_ids.iter().any(|id| id == method_id) => {
+                Authorised::MethodRemoved
+            }
+            Some(_) => Authorised::Yes,
+            None if charge.command.rule_version > 0 => Authorised::NotYet,
+            // A command without a rule version (an operator's, or from before versions) for a
+            // subscriber whose rule the topic does not hold: only the age bound applies.
+            None => Authorised::Yes,
+        }
+    }
+
+    /// Asks the gateway what became of `key`, sent before without a definite answer.
+    async fn resolve(&self, charge: &Charge, key: &str) -> Resolution {
+        count(&metrics::STATUS_LOOKUPS);
+        match self.gateway.status(key).await {
+            ChargeStatus::Approved { reference } => Resolution::Charged(reference),
+            ChargeStatus::Refused { reason, detail } => Resolution::Refused(reason, detail),
+            ChargeStatus::NotFound if !self.past_retention(charge) => Resolution::NotCharged,
+            // The gateway may have forgotten the key: "not found" proves nothing any more.
+            ChargeStatus::NotFound => Resolution::Unknown(
+                "the gateway no longer knows the key (past its retention)".into(),
+            ),
+            ChargeStatus::Unknown { detail } => Resolution::Unknown(detail),
+        }
+    }
+
+    /// The current key was first sent longer ago than the gateway remembers keys.
+    fn past_retention(&self, charge: &Charge) -> bool {
+        charge.first_attempt_at.is_some_and(|first| {
+            SystemTime::now().duration_since(first).unwrap_or_default() >= self.limits.key_retention
+        })
+    }
+
+    /// The current key is near the end of the gateway's retention: sending it again could
+    /// be taken as a new charge, so only a status lookup may resolve it.
+    fn near_retention_end(&self, charge: &Charge) -> bool {
+        let margin = self.limits.key_retention / 8;
+        charge.first_attempt_at.is_some_and(|first| {
+            SystemTime::now().duration_since(first).unwrap_or_default() + margin
+                >= self.limits.key_retention
+        })
+    }
+
     /// Charges method after method from where `charge` stands, until one is approved, all
-    /// have failed, or a transient error asks for a later attempt.
+    /// are refused, the charge is no longer authorised, or an attempt must wait (a
+    /// temporary refusal, an unknown outcome, rules not read far enough).
     /// Also returns the methods skipped because they have expired.
-    async fn advance(&self, mut charge: Charge) -> (Step, Vec<PaymentMethod>) {
+    async fn advance(&self, mut charge: Charge, rules_current: bool) -> (Step, Vec<PaymentMethod>) {
         let today = now_timestamp().seconds.div_euclid(86_400);
         let mut expired = Vec::new();
         while let Some(method) = charge.command.payment_methods.get(charge.method_index).cloned() {
-            let index = charge.method_index;
+            let method_id = method_id_of(&method);
+            let key = method_idempotency_key(&charge.command.idempotency_key, &method_id);
             charge.result.payment_method = Some(PaymentMethod {
                 token: method.token.clone(),
                 kind: method.kind,
                 label: method.label.clone(),
                 expires: method.expires.clone(),
                 currency: method.currency.clone(),
+                method_id: method_id.clone(),
             });
+            charge.result.idempotency_key.clone_from(&key);
+            if charge.outcome_unknown {
+                // Money may have moved on this key: settle that before anything else.
+                match self.resolve(&charge, &key).await {
+                    Resolution::Charged(reference) => {
+                        charge.succeed(reference);
+                        break;
+                    }
+                    Resolution::Refused(reason, detail) => {
+                        charge.refused(reason, detail);
+                        continue;
+                    }
+                    Resolution::NotCharged => {
+                        charge.outcome_unknown = false;
+                        if self.near_retention_end(&charge) {
+                            charge.refused(
+                                FailureReason::GatewayUnavailable,
+                                "the gateway never processed the charge".into(),
+                            );
+                            continue;
+                        }
+                        // A first attempt after all: charged below, if still authorised.
+                    }
+                    Resolution::Unknown(detail) => {
+                        return (self.later_or_reconcile(charge, detail), expired);
+                    }
+                }
+            }
             if let Some(problem) = currency_mismatch(&method, charge.amount.currency) {
-                charge.result.failure_reason = FailureReason::CurrencyMismatch as i32;
-                charge.result.failure_detail = problem;
-                charge.next_method();
+                charge.refused(FailureReason::CurrencyMismatch, problem);
                 continue;
             }
             if let Some(problem) = expired_method(&method, today) {
                 tracing::info!(subscriber = %charge.subscriber, method = %mask_token(&method.token), expires = %method.expires, "expired payment method skipped");
-                charge.result.failure_reason = FailureReason::CardExpired as i32;
-                charge.result.failure_detail = problem;
+                charge.refused(FailureReason::CardExpired, problem);
                 expired.push(method);
-                charge.next_method();
                 continue;
             }
+            match self.authorise(&charge, &method_id, method.kind, rules_current) {
+                Authorised::Yes => {}
+                Authorised::MethodRemoved => {
+                    tracing::info!(subscriber = %charge.subscriber, method = %method_id, "payment method no longer on the rule: skipped");
+                    charge.refused(
+                        FailureReason::MethodRemoved,
+                        format!("payment method {method_id} is no longer on the rule"),
+                    );
+                    continue;
+                }
+                Authorised::RuleNotActive => {
+                    let detail = "the rule was paused or deleted before the charge".to_string();
+                    return (charge.cancel(FailureReason::RuleNotActive, detail), expired);
+                }
+                Authorised::Expired => {
+                    let detail = format!(
+                        "the command waited longer than {:?} to be charged",
+                        self.limits.max_command_age.for_kind(method.kind)
+                    );
+                    return (charge.cancel(FailureReason::CommandExpired, detail), expired);
+                }
+                Authorised::NotYet => return (self.wait_for_rules(charge), expired),
+            }
             let request = ChargeRequest {
-                idempotency_key: method_key(&charge.command.idempotency_key, index),
+                idempotency_key: key.clone(),
                 token: method.token.clone(),
                 kind: PaymentMethodKind::try_from(method.kind)
                     .unwrap_or(PaymentMethodKind::Unspecified),
                 amount: charge.amount,
                 subscriber_id: charge.command.subscriber_id.clone(),
+                command_id: charge.command.command_id.clone(),
             };
             count(&metrics::CHARGE_ATTEMPTS);
             let outcome = self.gateway.charge(&request).await;
             charge.result.attempts += 1;
             charge.attempts_on_method += 1;
+            charge.first_attempt_at.get_or_insert_with(SystemTime::now);
             match outcome {
                 ChargeOutcome::Approved { reference } => {
-                    charge.result.status = TopUpStatus::Succeeded as i32;
-                    charge.result.failure_reason = FailureReason::Unspecified as i32;
-                    charge.result.failure_detail.clear();
-                    charge.result.gateway_reference = reference;
+                    charge.succeed(reference);
                     break;
                 }
                 ChargeOutcome::Refused { reason, detail } => {
                     tracing::info!(subscriber = %charge.subscriber, method = %mask_token(&method.token), reason = reason_code(reason), "payment method refused");
-                    charge.result.failure_reason = reason as i32;
-                    charge.result.failure_detail = detail;
-                    charge.next_method();
+                    charge.refused(reason, detail);
                 }
-                ChargeOutcome::Transient { detail } => {
-                    let wait =
-                        self.retry.backoff(charge.attempts_on_method, &request.idempotency_key);
+                ChargeOutcome::Unavailable { detail } => {
+                    let wait = self.retry.backoff(charge.attempts_on_method, &key);
                     let not_before = SystemTime::now() + wait;
                     if charge.attempts_on_method < self.retry.max_attempts
                         && not_before <= charge.deadline
                     {
-                        tracing::info!(subscriber = %charge.subscriber, method = %mask_token(&method.token), attempt = charge.attempts_on_method, ?wait, %detail, "transient gateway error; retry parked");
+                        tracing::info!(subscriber = %charge.subscriber, method = %mask_token(&method.token), attempt = charge.attempts_on_method, ?wait, %detail, "gateway unavailable; retry parked");
                         charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
                         charge.result.failure_detail = detail;
-                        return (
-                            Step::Later(Box::new(ChargeRetry {
-                                method_index: u32::try_from(index).unwrap_or(u32::MAX),
-                                attempts_on_method: charge.attempts_on_method,
-                                not_before: Some(timestamp_of(not_before)),
-                                deadline: Some(timestamp_of(charge.deadline)),
-                                result_so_far: Some(charge.result),
-                                command: Some(charge.command),
-                            })),
-                            expired,
-                        );
+                        return (Step::Later(Box::new(charge.parked(not_before))), expired);
                     }
-                    charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
-                    charge.result.failure_detail = format!(
-                        "retries exhausted after {} attempts: {detail}",
-                        charge.attempts_on_method
+                    // Nothing was processed (the gateway said so each time): the next
+                    // method may be tried.
+                    let attempts = charge.attempts_on_method;
+                    charge.refused(
+                        FailureReason::GatewayUnavailable,
+                        format!("retries exhausted after {attempts} attempts: {detail}"),
                     );
-                    charge.next_method();
+                }
+                ChargeOutcome::Unknown { detail } => {
+                    tracing::warn!(subscriber = %charge.subscriber, method = %mask_token(&method.token), %detail, "charge outcome unknown: resolved with the same key, never another method");
+                    charge.outcome_unknown = true;
+                    return (self.later_or_reconcile(charge, detail), expired);
                 }
             }
         }
-        charge.result.completed_at = Some(now_timestamp());
-        let reason = FailureReason::try_from(charge.result.failure_reason)
-            .unwrap_or(FailureReason::Unspecified);
-        if charge.result.status == TopUpStatus::Succeeded as i32 {
-            count(&metrics::SUCCEEDED);
-            tracing::info!(subscriber = %charge.subscriber, command_id = %charge.command.command_id, amount = %charge.amount, attempts = charge.result.attempts, "top-up charged");
-        } else {
-            count(&metrics::FAILED);
-            tracing::info!(subscriber = %charge.subscriber, command_id = %charge.command.command_id, amount = %charge.amount, reason = reason_code(reason), "top-up failed");
+        (Step::Finished(Box::new(charge.finish())), expired)
+    }
+
+    /// An unknown outcome asked about again after a backoff, or — past the deadline — a
+    /// top-up that needs reconciliation: still in flight for the evaluator, its caps kept,
+    /// and for operators to settle with the gateway's books.
+    fn later_or_reconcile(&self, mut charge: Charge, detail: String) -> Step {
+        let wait =
+            self.retry.backoff(charge.attempts_on_method.max(1), &charge.result.idempotency_key);
+        let not_before = SystemTime::now() + wait;
+        if not_before <= charge.deadline {
+            charge.result.failure_reason = FailureReason::OutcomeUnknown as i32;
+            charge.result.failure_detail = detail;
+            return Step::Later(Box::new(charge.parked(not_before)));
         }
-        (Step::Finished(Box::new(charge.result)), expired)
+        tracing::error!(subscriber = %charge.subscriber, command_id = %charge.command.command_id, key = %charge.result.idempotency_key, %detail, "charge outcome still unknown at the deadline: the top-up needs reconciliation");
+        count(&metrics::NEEDS_RECONCILIATION);
+        charge.result.status = TopUpStatus::NeedsReconciliation as i32;
+        charge.result.failure_reason = FailureReason::OutcomeUnknown as i32;
+        charge.result.failure_detail = format!("no definite answer before the deadline: {detail}");
+        charge.result.completed_at = Some(now_timestamp());
+        Step::Finished(Box::new(charge.result))
+    }
+
+    /// The rule view is behind: look again shortly (nothing was sent for this method yet,
+    /// or the gateway said it never processed it). Past the deadline nothing has moved, and
+    /// the top-up fails.
+    fn wait_for_rules(&self, mut charge: Charge) -> Step {
+        let not_before = SystemTime::now() + self.retry.initial_backoff.min(Duration::from_secs(1));
+        if not_before <= charge.deadline {
+            tracing::info!(subscriber = %charge.subscriber, "rules not read up to the command's rule yet: charge parked");
+            return Step::Later(Box::new(charge.parked(not_before)));
+        }
+        charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
+        charge.result.failure_detail =
+            "the rules could not be read far enough to authorise the charge".into();
+        charge.result.completed_at = Some(now_timestamp());
+        count(&metrics::FAILED);
+        Step::Finished(Box::new(charge.result))
     }
 
     /// Waits until a parked charge is due (bounded by the longest backoff, in case a
@@ -372,9 +610,66 @@ impl<G: PaymentGateway> PaymentWorker<G> {
 }
 
 impl Charge {
-    fn next_method(&mut self) {
+    /// The current method was refused (or skipped) for good: the next one.
+    fn refused(&mut self, reason: FailureReason, detail: String) {
+        self.result.failure_reason = reason as i32;
+        self.result.failure_detail = detail;
         self.method_index += 1;
         self.attempts_on_method = 0;
+        self.outcome_unknown = false;
+        self.first_attempt_at = None;
+    }
+
+    fn succeed(&mut self, reference: String) {
+        self.result.status = TopUpStatus::Succeeded as i32;
+        self.result.failure_reason = FailureReason::Unspecified as i32;
+        self.result.failure_detail.clear();
+        self.result.gateway_reference = reference;
+    }
+
+    /// No charge: the top-up is no longer authorised. Definite: nothing moved.
+    fn cancel(mut self, reason: FailureReason, detail: String) -> Step {
+        tracing::info!(subscriber = %self.subscriber, command_id = %self.command.command_id, reason = reason_code(reason), "top-up cancelled before the charge");
+        count(&metrics::CANCELLED);
+        self.result.status = TopUpStatus::Cancelled as i32;
+        self.result.failure_reason = reason as i32;
+        self.result.failure_detail = detail;
+        self.result.completed_at = Some(now_timestamp());
+        Step::Finished(Box::new(self.result))
+    }
+
+    /// The retry record that resumes this charge at `not_before`.
+    fn parked(self, not_before: SystemTime) -> ChargeRetry {
+        ChargeRetry {
+            method_index: u32::try_from(self.method_index).unwrap_or(u32::MAX),
+            attempts_on_method: self.attempts_on_method,
+            not_before: Some(timestamp_of(not_before)),
+            deadline: Some(timestamp_of(self.deadline)),
+            result_so_far: Some(self.result),
+            command: Some(self.command),
+            outcome_unknown: self.outcome_unknown,
+            first_attempt_at: self.first_attempt_at.map(timestamp_of),
+        }
+    }
+
+    /// Every method was tried or skipped: charged, or (definitely nothing moved) failed —
+    /// cancelled when the only obstacle was that the methods left the rule.
+    fn finish(mut self) -> TopUpResult {
+        self.result.completed_at = Some(now_timestamp());
+        let reason = FailureReason::try_from(self.result.failure_reason)
+            .unwrap_or(FailureReason::Unspecified);
+        if self.result.status == TopUpStatus::Succeeded as i32 {
+            count(&metrics::SUCCEEDED);
+            tracing::info!(subscriber = %self.subscriber, command_id = %self.command.command_id, amount = %self.amount, attempts = self.result.attempts, "top-up charged");
+        } else if reason == FailureReason::MethodRemoved {
+            count(&metrics::CANCELLED);
+            self.result.status = TopUpStatus::Cancelled as i32;
+            tracing::info!(subscriber = %self.subscriber, command_id = %self.command.command_id, "top-up cancelled: its payment methods left the rule");
+        } else {
+            count(&metrics::FAILED);
+            tracing::info!(subscriber = %self.subscriber, command_id = %self.command.command_id, amount = %self.amount, reason = reason_code(reason), "top-up failed");
+        }
+        self.result
     }
 }
 
@@ -389,16 +684,6 @@ enum Unchargeable {
 impl From<Refusal> for Unchargeable {
     fn from(refusal: Refusal) -> Self {
         Self::Malformed(refusal)
-    }
-}
-
-/// Each method gets its own key: a gateway that saw the primary declined must not answer
-/// the fallback with that same decline. The primary's key is the command's key itself.
-fn method_key(command_key: &str, index: usize) -> String {
-    if index == 0 {
-        command_key.to_string()
-    } else {
-        format!("{command_key}-m{index}")
     }
 }
 
@@ -462,26 +747,35 @@ pub fn reason_code(reason: FailureReason) -> &'static str {
         FailureReason::LimitExceeded => "limit_exceeded",
         FailureReason::NoPaymentMethod => "no_payment_method",
         FailureReason::CurrencyMismatch => "currency_mismatch",
+        FailureReason::RuleNotActive => "rule_not_active",
+        FailureReason::MethodRemoved => "method_removed",
+        FailureReason::CommandExpired => "command_expired",
+        FailureReason::OutcomeUnknown => "outcome_unknown",
         FailureReason::Unspecified => "unknown",
     }
 }
 
 /// The notification that tells the subscriber how their top-up went (and, when it
-/// failed, what to fix). `route` is the command's locale and channels.
+/// failed, what to fix). `route` is the command's locale and channels. None for a top-up
+/// that needs reconciliation: the subscriber is not told it failed when it may not have.
 fn notify(
     result: &TopUpResult,
     route: Option<(String, Vec<topup_proto::v1::NotificationChannel>)>,
-) -> NotificationCommand {
-    let succeeded = result.status == TopUpStatus::Succeeded as i32;
-    let kind =
-        if succeeded { NotificationKind::TopUpSucceeded } else { NotificationKind::TopUpFailed };
+) -> Option<NotificationCommand> {
+    let status = TopUpStatus::try_from(result.status).unwrap_or(TopUpStatus::Unspecified);
+    let kind = match status {
+        TopUpStatus::Succeeded => NotificationKind::TopUpSucceeded,
+        TopUpStatus::Failed => NotificationKind::TopUpFailed,
+        TopUpStatus::Cancelled => NotificationKind::TopUpCancelled,
+        TopUpStatus::NeedsReconciliation | TopUpStatus::Unspecified => return None,
+    };
     let mut parameters = HashMap::new();
     if let Some(method) = &result.payment_method {
         let shown =
             if method.label.is_empty() { mask_token(&method.token) } else { method.label.clone() };
         parameters.insert("method".to_string(), shown);
     }
-    if !succeeded {
+    if status != TopUpStatus::Succeeded {
         let reason =
             FailureReason::try_from(result.failure_reason).unwrap_or(FailureReason::Unspecified);
         parameters.insert("reason".to_string(), reason_code(reason).to_string());
@@ -490,7 +784,7 @@ fn notify(
     let id = SubscriberId::parse(&result.subscriber_id)
         .map(|s| notification_id(&s, &result.command_id, kind.as_str_name()))
         .unwrap_or_default();
-    NotificationCommand {
+    Some(NotificationCommand {
         notification_id: id,
         subscriber_id: result.subscriber_id.clone(),
         kind: kind as i32,
@@ -498,19 +792,20 @@ fn notify(
         channels,
         parameters,
         // A failed top-up is what the subscriber most needs to hear: it ignores quiet hours.
-        urgent: !succeeded,
+        urgent: status == TopUpStatus::Failed,
         created_at: Some(now_timestamp()),
         command_id: result.command_id.clone(),
         amount: result.amount.clone(),
         balance: None,
         threshold: None,
-    }
+    })
 }
 
 impl<G: PaymentGateway> Processor for PaymentWorker<G> {
     async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
         self.wait_until_due(input).await;
-        out.extend(self.handle(input).await?);
+        let rules_current = self.rules.caught_up(RULES_CATCH_UP).await;
+        out.extend(self.handle(input, rules_current).await?);
         Ok(())
     }
 
@@ -521,6 +816,12 @@ impl<G: PaymentGateway> Processor for PaymentWorker<G> {
         for (index, input) in batch.iter().enumerate() {
             by_subscriber.entry(input.key.as_deref().unwrap_or_default()).or_default().push(index);
         }
+        // Every rule change committed before now is read before any charge of the batch.
+        let rules_current = if batch.iter().any(|i| i.topic != topics::PAYMENT_RETRIES) {
+            self.rules.caught_up(RULES_CATCH_UP).await
+        } else {
+            false
+        };
         let this = &*self;
         let answered: Vec<Vec<(usize, Answer)>> =
             futures::stream::iter(by_subscriber.into_values().map(|indices| async move {
@@ -528,7 +829,13 @@ impl<G: PaymentGateway> Processor for PaymentWorker<G> {
                 for index in indices {
                     let input = &batch[index];
                     this.wait_until_due(input).await;
-                    answers.push((index, this.handle(input).await));
+                    // A parked charge waited: read the rules again up to now.
+                    let current = if input.topic == topics::PAYMENT_RETRIES {
+                        this.rules.caught_up(RULES_CATCH_UP).await
+                    } else {
+                        rules_current
+                    };
+                    answers.push((index, this.handle(input, current).await));
                 }
                 answers
             }))

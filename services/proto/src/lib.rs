@@ -85,6 +85,7 @@ mod tests {
     #[test]
     fn balance_round_trips_through_proto3_json() {
         let event = BalanceUpdated {
+            credited_command_ids: Default::default(),
             subscriber_id: "sub-1".into(),
             carrier_id: "cmcc".into(),
             balance: Some(Money { currency: "CNY".into(), amount_minor: 850 }),

@@ -59,6 +59,7 @@ fn cny(amount_minor: i64) -> Option<Money> {
 /// The rule subscriber `index` sets up, if any. The mix shows every path of the loop.
 pub fn rule_for(index: usize, subscriber_id: &str) -> Option<AutoTopUpRule> {
     let card = |token: &str, label: &str| PaymentMethod {
+        method_id: Default::default(),
         token: token.into(),
         kind: PaymentMethodKind::Card as i32,
         label: label.into(),
@@ -81,6 +82,7 @@ pub fn rule_for(index: usize, subscriber_id: &str) -> Option<AutoTopUpRule> {
             vec![
                 card("tok_expired_0003", "•••• 0003"),
                 PaymentMethod {
+                    method_id: Default::default(),
                     token: "tok_alipay_approve_03".into(),
                     kind: PaymentMethodKind::Alipay as i32,
                     label: "alipay: 13*******03".into(),
@@ -156,6 +158,7 @@ async fn publish(
 async fn publish_balance(producer: &FutureProducer, s: &mut Subscriber) -> anyhow::Result<()> {
     s.sequence += 1;
     let event = BalanceUpdated {
+        credited_command_ids: Default::default(),
         subscriber_id: s.id.clone(),
         carrier_id: CARRIER.into(),
         balance: cny(s.balance),

@@ -62,6 +62,28 @@ pub enum Command {
         #[arg(long, default_value = "-")]
         json: String,
     },
+    /// Settle a top-up with the gateway's word: one that needs reconciliation (its charge
+    /// outcome stayed unknown) or is stuck in flight. Publishes its final TopUpResult:
+    /// succeeded with the gateway's reference, or failed when the gateway's books show no
+    /// charge. Billing and the evaluator read it like any result.
+    Settle {
+        /// Subscriber id.
+        #[arg(long)]
+        subscriber: String,
+        /// The top-up's command id.
+        #[arg(long)]
+        command_id: String,
+        /// The gateway charged it: its reference for the charge ("ch_123").
+        #[arg(long, conflicts_with = "refused", required_unless_present = "refused")]
+        approved: Option<String>,
+        /// The gateway did not charge it: declined, insufficient_funds, card_expired, or
+        /// not_found (the gateway never processed the key).
+        #[arg(long)]
+        refused: Option<String>,
+        /// Who settles it and on what evidence from the gateway's books (kept on the result).
+        #[arg(long)]
+        evidence: String,
+    },
     /// Print records of a topic as JSON lines (partition, offset, key, value).
     Tail {
         /// Any topic of the platform.
@@ -192,6 +214,27 @@ fn read_topic(kafka: &KafkaArgs, topic: &str) -> anyhow::Result<Vec<topup_kafka:
     Ok(all)
 }
 
+/// A result written by hand must carry the gateway's word: a reference for a charge, the
+/// operator's evidence for "nothing was charged"; "needs reconciliation" is the worker's to
+/// say, never an operator's.
+fn check_settlement(result: &topup_proto::v1::TopUpResult) -> anyhow::Result<()> {
+    use topup_proto::v1::TopUpStatus;
+    topup_domain::TopUpOutcome::try_from(result)
+        .map_err(|e| anyhow::anyhow!("this result would be refused: {e}"))?;
+    match TopUpStatus::try_from(result.status) {
+        Ok(TopUpStatus::Succeeded) if result.gateway_reference.is_empty() => {
+            bail!("a succeeded result needs the gateway's reference (gatewayReference)")
+        }
+        Ok(TopUpStatus::Failed | TopUpStatus::Cancelled) if result.settled_by.trim().is_empty() => {
+            bail!("a failed result needs settledBy: who says, from the gateway's books, that nothing was charged")
+        }
+        Ok(TopUpStatus::NeedsReconciliation) => {
+            bail!("needs_reconciliation is reported by the payment worker, not by hand")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs one command, writing its output to `out`.
 pub async fn run(cli: Cli, out: &mut (impl Write + Send)) -> anyhow::Result<()> {
     let kafka = cli.kafka;
@@ -201,6 +244,7 @@ pub async fn run(cli: Cli, out: &mut (impl Write + Send)) -> anyhow::Result<()> 
                 Currency::parse(&currency).map_err(|e| anyhow::anyhow!("--currency: {e}"))?;
             let amount = parse_amount(&balance, currency).context("--balance")?;
             let event = BalanceUpdated {
+                credited_command_ids: Default::default(),
                 subscriber_id: subscriber.clone(),
                 carrier_id: carrier,
                 balance: Some(amount.to_wire()),
@@ -240,8 +284,7 @@ pub async fn run(cli: Cli, out: &mut (impl Write + Send)) -> anyhow::Result<()> 
                 topics::RESULTS => {
                     let result: topup_proto::v1::TopUpResult =
                         serde_json::from_str(&text).context("not a TopUpResult in proto3 JSON")?;
-                    topup_domain::TopUpOutcome::try_from(&result)
-                        .map_err(|e| anyhow::anyhow!("this result would be refused: {e}"))?;
+                    check_settlement(&result)?;
                     (result.subscriber_id.clone(), result.encode_to_vec())
                 }
                 other => bail!(
@@ -252,6 +295,41 @@ pub async fn run(cli: Cli, out: &mut (impl Write + Send)) -> anyhow::Result<()> 
                 ),
             };
             send(&kafka, &topic, &key, &bytes).await
+        }
+        Command::Settle { subscriber, command_id, approved, refused, evidence } => {
+            use topup_proto::v1::{FailureReason, TopUpResult, TopUpStatus};
+            let mut result = TopUpResult {
+                command_id,
+                subscriber_id: subscriber.clone(),
+                settled_by: evidence,
+                completed_at: Some(topup_kafka::now_timestamp()),
+                ..Default::default()
+            };
+            match (approved, refused) {
+                (Some(reference), _) => {
+                    result.status = TopUpStatus::Succeeded as i32;
+                    result.gateway_reference = reference;
+                }
+                (None, Some(code)) => {
+                    let reason = match code.as_str() {
+                        "declined" => FailureReason::Declined,
+                        "insufficient_funds" => FailureReason::InsufficientFunds,
+                        "card_expired" => FailureReason::CardExpired,
+                        "not_found" => FailureReason::GatewayUnavailable,
+                        other => bail!(
+                            "--refused {other:?}: one of declined, insufficient_funds, card_expired, not_found"
+                        ),
+                    };
+                    result.status = TopUpStatus::Failed as i32;
+                    result.failure_reason = reason as i32;
+                    result.failure_detail = format!("settled by hand: the gateway says {code}");
+                }
+                (None, None) => bail!("--approved <reference> or --refused <code> is required"),
+            }
+            check_settlement(&result)?;
+            send(&kafka, topics::RESULTS, &subscriber, &result.encode_to_vec()).await?;
+            writeln!(out, "{}", serde_json::to_string(&result)?)?;
+            Ok(())
         }
         Command::Tail { topic, from_beginning, max, idle_secs } => {
             if !topics::ALL.contains(&topic.as_str()) {

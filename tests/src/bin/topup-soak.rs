@@ -265,7 +265,8 @@ async fn main() -> anyhow::Result<()> {
     let results = platform.read_all::<TopUpResult>(topics::RESULTS).await?;
     let receipts = platform.read_all::<DeliveryReceipt>(topics::DELIVERIES).await?;
     let dead = platform.read_all::<topup_proto::v1::DeadLetter>(topics::DLQ).await?;
-    let charges = outside.gateway.charges();
+    // Charges per top-up, across every key and method: what the subscriber's statement shows.
+    let charges = outside.gateway.charges_by_command();
     let mut by_subscriber: BTreeMap<String, Vec<&TopUpCommand>> = BTreeMap::new();
     for c in &commands {
         by_subscriber.entry(c.subscriber_id.clone()).or_default().push(c);
@@ -294,7 +295,7 @@ async fn main() -> anyhow::Result<()> {
             continue;
         };
         repeated += answers.len() - 1;
-        let charged = charges.get(&command.idempotency_key).copied().unwrap_or(0);
+        let charged = charges.get(&command.command_id).copied().unwrap_or(0);
         if token(n) == "tok_decline" {
             failed += 1;
             if charged != 0 || answers.iter().any(|r| r.status != TopUpStatus::Failed as i32) {
@@ -322,7 +323,7 @@ async fn main() -> anyhow::Result<()> {
         commands.len()
     );
     println!("| top-ups succeeded / failed (declined) | {succeeded} / {failed} |");
-    println!("| gateway charges (keys) | {} |", charges.len());
+    println!("| top-ups charged | {} |", charges.len());
     println!("| results repeated (mock-cluster replay) | {repeated} |");
     println!(
         "| deliveries: delivered / failed attempts / undeliverable | {} / {} / {} |",

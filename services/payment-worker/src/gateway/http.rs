@@ -16,7 +16,22 @@
 //! The gateway answers `2xx {"status":"approved","reference":"…"}`, or a refusal
 //! `402`/`422 {"status":"declined","code":"card_expired"|"insufficient_funds"|…,
 //! "message":"…"}`. It must answer a repeated key with the first answer and never charge
-//! it twice. How every other answer is read is decided in one place, [`classify`].
+//! it twice. `429` and `503` mean "not processed, come back later"; any other answer that
+//! is not one of these, a timeout, or a connection lost after the request was written means
+//! the charge may have happened (unknown).
+//!
+//! The status lookup, asked after an unknown outcome, signed the same way over the key:
+//!
+//! ```text
+//! GET {url}/{idempotency key}
+//! X-Topup-Timestamp: <unix seconds>
+//! X-Topup-Signature: v1=<hex HMAC-SHA256(secret, "<timestamp>.<idempotency key>")>
+//! ```
+//!
+//! answers `200` with the charge's answer as above (`approved` / `declined`), `404` when
+//! the gateway never received the key or refused it before processing (it must then never
+//! process it later), and `409` or `{"status":"pending"}` while it is still processing. How
+//! every answer is read is decided in one place each: [`classify`] and [`classify_status`].
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reqwest::StatusCode;
@@ -24,7 +39,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use topup_proto::v1::{FailureReason, PaymentMethodKind};
 
-use super::{ChargeOutcome, ChargeRequest, PaymentGateway};
+use super::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
 
 /// Header carrying the signing time.
 pub const TIMESTAMP_HEADER: &str = "x-topup-timestamp";
@@ -42,6 +57,9 @@ pub struct ChargeBody {
     pub idempotency_key: String,
     /// Whose top-up.
     pub subscriber_id: String,
+    /// Which top-up (one per command; several keys when methods fall back).
+    #[serde(default)]
+    pub command_id: String,
     /// What to charge.
     pub amount: AmountBody,
     /// With what.
@@ -87,44 +105,84 @@ fn kind_name(kind: PaymentMethodKind) -> String {
     kind.as_str_name().trim_start_matches("PAYMENT_METHOD_KIND_").to_ascii_lowercase()
 }
 
-/// Reads a gateway answer: approved, refused for good, or worth another try with the same
-/// key. Every status and code the client understands is here.
-pub fn classify(status: StatusCode, body: &[u8]) -> ChargeOutcome {
-    let answer: AnswerBody = serde_json::from_slice(body).unwrap_or_default();
-    let detail = |what: &str| {
-        let message: String = answer.message.chars().take(200).collect();
-        format!("{what} ({status}{}{message})", if message.is_empty() { "" } else { ": " })
-    };
-    let refused = |reason| ChargeOutcome::Refused {
-        reason,
-        detail: detail(if answer.code.is_empty() { "declined" } else { &answer.code }),
-    };
-    let by_code = || match answer.code.as_str() {
+/// The answer body's detail for operators, at most 200 characters of its message.
+fn detail_of(answer: &AnswerBody, status: StatusCode, what: &str) -> String {
+    let message: String = answer.message.chars().take(200).collect();
+    format!("{what} ({status}{}{message})", if message.is_empty() { "" } else { ": " })
+}
+
+/// The refusal reason of a decline code.
+fn reason_of(code: &str) -> FailureReason {
+    match code {
         "card_expired" | "expired_card" | "expired" => FailureReason::CardExpired,
         "insufficient_funds" | "insufficient_balance" => FailureReason::InsufficientFunds,
         _ => FailureReason::Declined,
+    }
+}
+
+fn refusal_detail(answer: &AnswerBody, status: StatusCode) -> String {
+    detail_of(answer, status, if answer.code.is_empty() { "declined" } else { &answer.code })
+}
+
+/// Reads a gateway's answer to a charge: approved, refused for good, not processed (try
+/// again later), or unknown (money may have moved). Every status and code the client
+/// understands is here.
+pub fn classify(status: StatusCode, body: &[u8]) -> ChargeOutcome {
+    let answer: AnswerBody = serde_json::from_slice(body).unwrap_or_default();
+    let detail = |what: &str| detail_of(&answer, status, what);
+    let refused = || ChargeOutcome::Refused {
+        reason: reason_of(&answer.code),
+        detail: refusal_detail(&answer, status),
     };
     match status.as_u16() {
         200..=299 => match answer.status.as_str() {
             "approved" | "succeeded" if !answer.reference.is_empty() => {
                 ChargeOutcome::Approved { reference: answer.reference.clone() }
             }
-            "declined" | "refused" | "failed" => refused(by_code()),
-            // Money may have moved but the answer is unreadable: asking again with the
-            // same key is safe and gets a readable answer or the same charge.
-            _ => ChargeOutcome::Transient { detail: detail("unreadable approval") },
+            "declined" | "refused" | "failed" => refused(),
+            // The gateway accepted the request but the answer is unreadable: money may have
+            // moved. The key is asked about (and sent again) until the answer is definite.
+            _ => ChargeOutcome::Unknown { detail: detail("unreadable approval") },
         },
-        402 | 422 => refused(by_code()),
-        // Our request was malformed: sending it again cannot help.
-        400 => refused(FailureReason::Declined),
+        402 | 422 => refused(),
+        // Our request was malformed: nothing was charged, and sending it again cannot help.
+        400 => ChargeOutcome::Refused {
+            reason: FailureReason::Declined,
+            detail: detail("request refused as malformed"),
+        },
         401 | 403 => {
             tracing::error!(%status, "the gateway refused our credentials: check the signing secret (PAYMENT_GATEWAY_SECRET)");
-            ChargeOutcome::Transient { detail: detail("credentials refused") }
+            ChargeOutcome::Unavailable { detail: detail("credentials refused") }
         }
-        // 409: a request with this key is still being processed; 408/425/429: come back later.
-        408 | 409 | 425 | 429 => ChargeOutcome::Transient { detail: detail("try again later") },
-        500..=599 => ChargeOutcome::Transient { detail: detail("gateway error") },
-        _ => ChargeOutcome::Transient { detail: detail("unexpected answer") },
+        // Not processed (the protocol's promise): come back later.
+        404 | 405 | 429 | 503 => ChargeOutcome::Unavailable { detail: detail("try again later") },
+        // 409: a request with this key is still being processed; 408, 5xx and anything else:
+        // the charge may or may not have happened.
+        409 => ChargeOutcome::Unknown { detail: detail("still processing") },
+        _ => ChargeOutcome::Unknown { detail: detail("no definite answer") },
+    }
+}
+
+/// Reads a gateway's answer to a status lookup.
+pub fn classify_status(status: StatusCode, body: &[u8]) -> ChargeStatus {
+    let answer: AnswerBody = serde_json::from_slice(body).unwrap_or_default();
+    match status.as_u16() {
+        200..=299 => match answer.status.as_str() {
+            "approved" | "succeeded" if !answer.reference.is_empty() => {
+                ChargeStatus::Approved { reference: answer.reference.clone() }
+            }
+            "declined" | "refused" | "failed" => ChargeStatus::Refused {
+                reason: reason_of(&answer.code),
+                detail: refusal_detail(&answer, status),
+            },
+            _ => ChargeStatus::Unknown { detail: detail_of(&answer, status, "pending") },
+        },
+        402 | 422 => ChargeStatus::Refused {
+            reason: reason_of(&answer.code),
+            detail: refusal_detail(&answer, status),
+        },
+        404 => ChargeStatus::NotFound,
+        _ => ChargeStatus::Unknown { detail: detail_of(&answer, status, "lookup failed") },
     }
 }
 
@@ -163,6 +221,7 @@ impl PaymentGateway for HttpGateway {
         let body = ChargeBody {
             idempotency_key: request.idempotency_key.clone(),
             subscriber_id: request.subscriber_id.clone(),
+            command_id: request.command_id.clone(),
             amount: AmountBody {
                 currency: request.amount.currency.to_string(),
                 amount_minor: request.amount.minor,
@@ -174,7 +233,7 @@ impl PaymentGateway for HttpGateway {
         };
         let body = match serde_json::to_vec(&body) {
             Ok(body) => body,
-            Err(e) => return ChargeOutcome::Transient { detail: format!("encoding: {e}") },
+            Err(e) => return ChargeOutcome::Unavailable { detail: format!("encoding: {e}") },
         };
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let signed = signature(self.config.secret.expose_secret().as_bytes(), timestamp, &body);
@@ -190,19 +249,48 @@ impl PaymentGateway for HttpGateway {
             .await;
         let response = match sent {
             Ok(response) => response,
+            // Never connected: the request was not sent, nothing can have moved.
+            Err(e) if e.is_connect() => {
+                return ChargeOutcome::Unavailable { detail: format!("gateway unreachable: {e}") }
+            }
             Err(e) if e.is_timeout() => {
-                return ChargeOutcome::Transient {
+                return ChargeOutcome::Unknown {
                     detail: format!("no answer within {:?}", self.config.timeout),
                 }
             }
-            Err(e) => {
-                return ChargeOutcome::Transient { detail: format!("gateway unreachable: {e}") }
-            }
+            // Sent, or perhaps sent: a reset after the write leaves the charge unknown.
+            Err(e) => return ChargeOutcome::Unknown { detail: format!("answer lost: {e}") },
         };
         let status = response.status();
         match response.bytes().await {
             Ok(body) => classify(status, &body),
-            Err(e) => ChargeOutcome::Transient { detail: format!("reading the answer: {e}") },
+            Err(e) => ChargeOutcome::Unknown { detail: format!("reading the answer: {e}") },
+        }
+    }
+
+    async fn status(&self, idempotency_key: &str) -> ChargeStatus {
+        let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let signed = signature(
+            self.config.secret.expose_secret().as_bytes(),
+            timestamp,
+            idempotency_key.as_bytes(),
+        );
+        let url = format!("{}/{idempotency_key}", self.config.url.trim_end_matches('/'));
+        let sent = self
+            .client
+            .get(url)
+            .header(TIMESTAMP_HEADER, timestamp.to_string())
+            .header(SIGNATURE_HEADER, signed)
+            .send()
+            .await;
+        let response = match sent {
+            Ok(response) => response,
+            Err(e) => return ChargeStatus::Unknown { detail: format!("status lookup: {e}") },
+        };
+        let status = response.status();
+        match response.bytes().await {
+            Ok(body) => classify_status(status, &body),
+            Err(e) => ChargeStatus::Unknown { detail: format!("reading the status: {e}") },
         }
     }
 }
@@ -216,7 +304,7 @@ mod tests {
     }
 
     #[test]
-    fn answers_are_sorted_into_approved_refused_and_transient() {
+    fn answers_are_sorted_into_approved_refused_and_unknown() {
         assert_eq!(
             outcome(200, r#"{"status":"approved","reference":"ch_1"}"#),
             ChargeOutcome::Approved { reference: "ch_1".into() }
@@ -233,13 +321,33 @@ mod tests {
             outcome(402, "not json"),
             ChargeOutcome::Refused { reason: FailureReason::Declined, .. }
         ));
-        for status in [401, 404, 409, 429, 500, 503] {
-            assert!(matches!(outcome(status, ""), ChargeOutcome::Transient { .. }), "{status}");
+        for status in [401, 404, 429, 503] {
+            assert!(matches!(outcome(status, ""), ChargeOutcome::Unavailable { .. }), "{status}");
+        }
+        for status in [408, 409, 500, 502, 504, 302] {
+            assert!(matches!(outcome(status, ""), ChargeOutcome::Unknown { .. }), "{status}");
         }
         // An approval without a reference cannot be trusted; the same key is asked again.
+        assert!(matches!(outcome(200, r#"{"status":"approved"}"#), ChargeOutcome::Unknown { .. }));
+        assert!(matches!(outcome(200, "<html>"), ChargeOutcome::Unknown { .. }));
+    }
+
+    #[test]
+    fn status_answers_are_sorted() {
+        let status = |code: u16, body: &str| {
+            classify_status(StatusCode::from_u16(code).unwrap(), body.as_bytes())
+        };
+        assert_eq!(
+            status(200, r#"{"status":"approved","reference":"ch_1"}"#),
+            ChargeStatus::Approved { reference: "ch_1".into() }
+        );
         assert!(matches!(
-            outcome(200, r#"{"status":"approved"}"#),
-            ChargeOutcome::Transient { .. }
+            status(200, r#"{"status":"declined","code":"insufficient_funds"}"#),
+            ChargeStatus::Refused { reason: FailureReason::InsufficientFunds, .. }
         ));
+        assert_eq!(status(404, ""), ChargeStatus::NotFound);
+        for (code, body) in [(409, ""), (200, r#"{"status":"pending"}"#), (500, ""), (401, "")] {
+            assert!(matches!(status(code, body), ChargeStatus::Unknown { .. }), "{code} {body}");
+        }
     }
 }

@@ -1,5 +1,13 @@
 //! Payment gateways behind one trait. One file per implementation: adding a provider is a
 //! new file and a new [`AnyGateway`] variant.
+//!
+//! Every answer falls into one of three classes, and the worker acts on the class alone:
+//!
+//! | class    | variants                                   | what the worker does |
+//! |----------|--------------------------------------------|----------------------|
+//! | approved | [`ChargeOutcome::Approved`]                | the top-up succeeded |
+//! | refused  | [`ChargeOutcome::Refused`], [`ChargeOutcome::Unavailable`] | definite, nothing moved: the next method (after retries, for `Unavailable`) |
+//! | unknown  | [`ChargeOutcome::Unknown`]                 | money may have moved: ask the gateway by key ([`PaymentGateway::status`]) and send again with the same key, never another method; past the deadline the top-up needs reconciliation |
 pub mod http;
 mod sandbox;
 
@@ -13,7 +21,7 @@ use topup_proto::v1::{FailureReason, PaymentMethodKind};
 /// One charge, as the gateway sees it.
 #[derive(Debug, Clone)]
 pub struct ChargeRequest {
-    /// The gateway never charges twice for the same key.
+    /// The gateway never charges twice for the same key: one per (top-up, payment method).
     pub idempotency_key: String,
     /// Gateway token of the payment method.
     pub token: String,
@@ -23,23 +31,48 @@ pub struct ChargeRequest {
     pub amount: Money,
     /// Whose top-up (for the gateway's records).
     pub subscriber_id: String,
+    /// Which top-up (for the gateway's records and reconciliation).
+    pub command_id: String,
 }
 
-/// What the gateway said.
+/// What the gateway said to a charge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChargeOutcome {
     /// Money moved; `reference` is the gateway's id for the charge.
     Approved { reference: String },
-    /// Permanent: this method will not work for this charge. Try the next method.
+    /// Definite and permanent: nothing moved, and this method will not work for this charge.
+    /// Try the next method.
     Refused { reason: FailureReason, detail: String },
-    /// Temporary: the same request may succeed later.
-    Transient { detail: String },
+    /// Definite but temporary: the request was not processed (never sent, or refused before
+    /// processing: 429, 503). The same method may work later.
+    Unavailable { detail: String },
+    /// Money may have moved: the request was sent and no definite answer came back (a
+    /// timeout, a connection reset, a 5xx, an unreadable 2xx).
+    Unknown { detail: String },
+}
+
+/// What the gateway says it did with a key, asked after an [`ChargeOutcome::Unknown`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChargeStatus {
+    /// It charged; `reference` is its id.
+    Approved { reference: String },
+    /// It refused the charge; nothing moved.
+    Refused { reason: FailureReason, detail: String },
+    /// It never received the key (or refused it before processing): nothing moved, and
+    /// sending the charge again is a first attempt. Trustworthy only while the gateway
+    /// still remembers keys (its retention window).
+    NotFound,
+    /// No definite answer (still processing, or the lookup itself failed).
+    Unknown { detail: String },
 }
 
 /// A payment gateway.
 pub trait PaymentGateway: Send + Sync + 'static {
     /// Charges, idempotently by `request.idempotency_key`.
     fn charge(&self, request: &ChargeRequest) -> impl Future<Output = ChargeOutcome> + Send;
+
+    /// What became of the charge sent with `idempotency_key`.
+    fn status(&self, idempotency_key: &str) -> impl Future<Output = ChargeStatus> + Send;
 }
 
 /// The gateway chosen by configuration.
@@ -56,6 +89,13 @@ impl PaymentGateway for AnyGateway {
         match self {
             AnyGateway::Sandbox(gateway) => gateway.charge(request).await,
             AnyGateway::Http(gateway) => gateway.charge(request).await,
+        }
+    }
+
+    async fn status(&self, idempotency_key: &str) -> ChargeStatus {
+        match self {
+            AnyGateway::Sandbox(gateway) => gateway.status(idempotency_key).await,
+            AnyGateway::Http(gateway) => gateway.status(idempotency_key).await,
         }
     }
 }

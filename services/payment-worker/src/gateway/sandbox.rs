@@ -6,7 +6,8 @@
 //! | `decline`        | refused: declined                                        |
 //! | `expired`        | refused: card expired                                    |
 //! | `insufficient`   | refused: insufficient funds                              |
-//! | `transient<N>`   | transient error the first N attempts per key, then approved |
+//! | `transient<N>`   | unavailable (nothing moved) the first N attempts per key, then approved |
+//! | `lost<N>`        | charged at once, but the first N answers per key are lost (unknown); a status lookup tells the truth |
 //! | `slow`           | approved after 2 s                                       |
 //! | anything else    | approved                                                 |
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use std::time::Duration;
 
 use topup_proto::v1::FailureReason;
 
-use super::{ChargeOutcome, ChargeRequest, PaymentGateway};
+use super::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
 
 /// How long a `slow` token takes.
 const SLOW: Duration = Duration::from_secs(2);
@@ -28,6 +29,8 @@ struct Ledger {
     attempts: HashMap<String, u32>,
     /// Charges actually made per key (a correct client keeps every value at most 1).
     charges: HashMap<String, u32>,
+    /// Charges made per top-up (command id), across all its keys.
+    by_command: HashMap<String, u32>,
 }
 
 /// The sandbox gateway. Clones share one ledger.
@@ -46,10 +49,20 @@ impl Sandbox {
     pub fn charges(&self) -> HashMap<String, u32> {
         self.ledger.lock().map(|l| l.charges.clone()).unwrap_or_default()
     }
+
+    /// Charges made per top-up (command id), across all its keys and methods: what the
+    /// subscriber sees on their statement. A correct worker keeps every value at most 1.
+    pub fn charges_by_command(&self) -> HashMap<String, u32> {
+        self.ledger.lock().map(|l| l.by_command.clone()).unwrap_or_default()
+    }
 }
 
 fn transient_count(token: &str) -> Option<u32> {
-    let rest = &token[token.find("transient")? + "transient".len()..];
+    count_after(token, "transient")
+}
+
+fn count_after(token: &str, word: &str) -> Option<u32> {
+    let rest = &token[token.find(word)? + word.len()..];
     let digits: String =
         rest.chars().skip_while(|c| !c.is_ascii_digit()).take_while(char::is_ascii_digit).collect();
     Some(digits.parse().unwrap_or(1))
@@ -61,17 +74,21 @@ impl PaymentGateway for Sandbox {
             tokio::time::sleep(SLOW).await;
         }
         let Ok(mut ledger) = self.ledger.lock() else {
-            return ChargeOutcome::Transient { detail: "sandbox ledger unavailable".into() };
+            return ChargeOutcome::Unavailable { detail: "sandbox ledger unavailable".into() };
         };
-        if let Some(done) = ledger.outcomes.get(&request.idempotency_key) {
-            return done.clone();
-        }
         let attempt = {
             let n = ledger.attempts.entry(request.idempotency_key.clone()).or_insert(0);
             *n += 1;
             *n
         };
         let token = request.token.as_str();
+        let lost = count_after(token, "lost").is_some_and(|n| attempt <= n);
+        if let Some(done) = ledger.outcomes.get(&request.idempotency_key) {
+            if lost {
+                return ChargeOutcome::Unknown { detail: "sandbox: the answer was lost".into() };
+            }
+            return done.clone();
+        }
         let refused = |reason: FailureReason, detail: &str| ChargeOutcome::Refused {
             reason,
             detail: detail.into(),
@@ -83,15 +100,35 @@ impl PaymentGateway for Sandbox {
         } else if token.contains("insufficient") {
             refused(FailureReason::InsufficientFunds, "insufficient funds")
         } else if transient_count(token).is_some_and(|n| attempt <= n) {
-            return ChargeOutcome::Transient {
+            return ChargeOutcome::Unavailable {
                 detail: format!("sandbox transient error (attempt {attempt})"),
             };
         } else {
             *ledger.charges.entry(request.idempotency_key.clone()).or_insert(0) += 1;
+            *ledger.by_command.entry(request.command_id.clone()).or_insert(0) += 1;
             ChargeOutcome::Approved { reference: format!("sbx_{}", &request.idempotency_key) }
         };
         ledger.outcomes.insert(request.idempotency_key.clone(), outcome.clone());
+        if lost {
+            return ChargeOutcome::Unknown { detail: "sandbox: the answer was lost".into() };
+        }
         outcome
+    }
+
+    async fn status(&self, idempotency_key: &str) -> ChargeStatus {
+        let Ok(ledger) = self.ledger.lock() else {
+            return ChargeStatus::Unknown { detail: "sandbox ledger unavailable".into() };
+        };
+        match ledger.outcomes.get(idempotency_key) {
+            Some(ChargeOutcome::Approved { reference }) => {
+                ChargeStatus::Approved { reference: reference.clone() }
+            }
+            Some(ChargeOutcome::Refused { reason, detail }) => {
+                ChargeStatus::Refused { reason: *reason, detail: detail.clone() }
+            }
+            Some(_) => ChargeStatus::Unknown { detail: "sandbox: not settled".into() },
+            None => ChargeStatus::NotFound,
+        }
     }
 }
 
@@ -109,6 +146,7 @@ mod tests {
             kind: PaymentMethodKind::Card,
             amount: Money::new(Currency::parse("CNY").unwrap(), 5000),
             subscriber_id: "sub-1".into(),
+            command_id: format!("c-{key}"),
         }
     }
 
@@ -130,15 +168,27 @@ mod tests {
         ));
         assert!(matches!(
             sandbox.charge(&request("tok_transient2", "k3")).await,
-            ChargeOutcome::Transient { .. }
+            ChargeOutcome::Unavailable { .. }
         ));
         assert!(matches!(
             sandbox.charge(&request("tok_transient2", "k3")).await,
-            ChargeOutcome::Transient { .. }
+            ChargeOutcome::Unavailable { .. }
         ));
         assert!(matches!(
             sandbox.charge(&request("tok_transient2", "k3")).await,
             ChargeOutcome::Approved { .. }
         ));
+        // A lost answer: charged once, the status lookup knows, a resend gets the charge.
+        assert_eq!(sandbox.status("k4").await, ChargeStatus::NotFound);
+        assert!(matches!(
+            sandbox.charge(&request("tok_lost1", "k4")).await,
+            ChargeOutcome::Unknown { .. }
+        ));
+        assert!(matches!(sandbox.status("k4").await, ChargeStatus::Approved { .. }));
+        assert!(matches!(
+            sandbox.charge(&request("tok_lost1", "k4")).await,
+            ChargeOutcome::Approved { .. }
+        ));
+        assert_eq!(sandbox.charges_by_command()["c-k4"], 1);
     }
 }

@@ -117,6 +117,7 @@ fn subscriber(n: u64) -> String {
 
 fn balance(id: &str, amount_minor: i64, sequence: u64) -> Vec<u8> {
     BalanceUpdated {
+        credited_command_ids: Default::default(),
         subscriber_id: id.to_string(),
         carrier_id: "bench".into(),
         balance: Some(Money { currency: "CNY".into(), amount_minor }),
@@ -294,6 +295,7 @@ fn latency_rule(id: &str) -> AutoTopUpRule {
         threshold: Some(cny(1000)),
         top_up: Some(TopUp::Amount(cny(5000))),
         payment_methods: vec![PaymentMethod {
+            method_id: Default::default(),
             token: "tok_bench_4242".into(),
             kind: PaymentMethodKind::Card as i32,
             label: "•••• 4242".into(),
