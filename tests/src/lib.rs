@@ -1,6 +1,8 @@
-//! Test harness: the platform on a fresh mock cluster, publishing helpers, and readers that
+//! Test harness: the platform on a Kafka of its own (Apache Kafka by default, the mock
+//! cluster with `TOPUP_TEST_KAFKA=mock`; see [`kafka`]), publishing helpers, and readers that
 //! wait for records with a deadline (never a sleep).
 pub mod gateway_server;
+pub mod kafka;
 pub mod otlp_sink;
 pub mod postgres;
 pub mod smtp_sink;
@@ -15,7 +17,6 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use topup::embedded::EmbeddedKafka;
 use topup_kafka::{read_partition_to_end, KafkaArgs};
 use topup_proto::v1::{
     auto_top_up_rule::TopUp, AutoTopUpRule, BalanceUpdated, ChannelKind, Money,
@@ -55,10 +56,10 @@ pub const PARTITIONS: i32 = 4;
 /// How long any single wait in a test may take.
 pub const WAIT: Duration = Duration::from_secs(60);
 
-/// The platform running on its own mock cluster.
+/// The platform running on a Kafka of its own.
 pub struct Platform {
-    /// The cluster (dropped last).
-    pub kafka_cluster: EmbeddedKafka,
+    /// The brokers (dropped last).
+    pub kafka_cluster: kafka::TestKafka,
     /// Connection settings for clients of the test.
     pub kafka: KafkaArgs,
     /// Stops the services.
@@ -71,11 +72,21 @@ pub struct Platform {
 }
 
 impl Platform {
-    /// A cluster with the topics, and nothing running yet.
+    /// A broker with the topics, and nothing running yet.
     pub fn cluster() -> anyhow::Result<Self> {
         topup_kafka::init_logging();
-        let kafka_cluster = EmbeddedKafka::start(PARTITIONS)?;
-        let mut kafka = KafkaArgs::new(kafka_cluster.bootstrap_servers());
+        Self::on(kafka::TestKafka::start(PARTITIONS)?)
+    }
+
+    /// Three brokers (replication 3, `min.insync.replicas=2`) with the topics, and nothing
+    /// running yet: for tests that take brokers down.
+    pub fn three_brokers() -> anyhow::Result<Self> {
+        topup_kafka::init_logging();
+        Self::on(kafka::TestKafka::start_cluster(PARTITIONS)?)
+    }
+
+    fn on(kafka_cluster: kafka::TestKafka) -> anyhow::Result<Self> {
+        let mut kafka = kafka_cluster.kafka_args();
         // Short timeouts, so restarts and rebalances in tests take seconds (KAFKA-NOTES.md).
         kafka.session_timeout_ms = 6_000;
         kafka.transaction_timeout_ms = 6_000;
@@ -90,9 +101,18 @@ impl Platform {
         })
     }
 
-    /// A cluster with the evaluator, the payment worker and the notifier running.
+    /// A broker with the evaluator, the payment worker and the notifier running.
     pub fn start() -> anyhow::Result<Self> {
-        let mut platform = Self::cluster()?;
+        Self::cluster()?.with_services()
+    }
+
+    /// [`Platform::three_brokers`] with the evaluator, the payment worker and the notifier.
+    pub fn start_on_three_brokers() -> anyhow::Result<Self> {
+        Self::three_brokers()?.with_services()
+    }
+
+    fn with_services(self) -> anyhow::Result<Self> {
+        let mut platform = self;
         platform.start_evaluator();
         let kafka = platform.kafka.clone();
         platform.services.spawn(topup_payment_worker::run(
@@ -233,12 +253,17 @@ impl Platform {
             every.tick().await;
             let (kafka, g, t) = (self.kafka.clone(), group.to_string(), topics.to_vec());
             let lagging =
-                tokio::task::spawn_blocking(move || lagging_partitions(&kafka, &g, &t)).await??;
-            if lagging.is_empty() {
-                return Ok(());
-            }
-            if tokio::time::Instant::now() > deadline {
-                bail!("group {group} still behind after {WAIT:?}: {lagging:?}");
+                tokio::task::spawn_blocking(move || lagging_partitions(&kafka, &g, &t)).await?;
+            match lagging {
+                Ok(lagging) if lagging.is_empty() => return Ok(()),
+                Ok(lagging) if tokio::time::Instant::now() > deadline => {
+                    bail!("group {group} still behind after {WAIT:?}: {lagging:?}")
+                }
+                // A leader moving (a broker restarted, a coordinator loading): ask again.
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    bail!("group {group}: offsets unreadable after {WAIT:?}: {e:#}")
+                }
+                _ => {}
             }
         }
     }
@@ -314,11 +339,41 @@ fn lagging_partitions(
             Offset::Offset(n) => n,
             _ => 0,
         };
-        if at < end {
+        // A transactional producer's commit marker follows its last record: a group that
+        // committed past every record may still be short of the end by markers alone.
+        if at < end && has_records(kafka, element.topic(), element.partition(), at, end)? {
             lagging.push((element.topic().to_string(), element.partition(), at, end));
         }
     }
     Ok(lagging)
+}
+
+/// Whether `topic`/`partition` holds a committed record in `from..end` (not only
+/// transaction markers).
+fn has_records(
+    kafka: &KafkaArgs,
+    topic: &str,
+    partition: i32,
+    from: i64,
+    end: i64,
+) -> anyhow::Result<bool> {
+    let consumer: rdkafka::consumer::BaseConsumer = kafka.reader().create()?;
+    let mut assignment = TopicPartitionList::new();
+    assignment.add_partition_offset(topic, partition, Offset::Offset(from))?;
+    consumer.assign(&assignment)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if let Some(message) = consumer.poll(Duration::from_millis(50)) {
+            return Ok(message?.offset() < end);
+        }
+        let position = consumer.position()?;
+        let at = position.find_partition(topic, partition).map(|p| p.offset());
+        if matches!(at, Some(Offset::Offset(n)) if n >= end) {
+            return Ok(false);
+        }
+    }
+    // Nothing came and the position never reached the end: an open transaction holds it.
+    Ok(true)
 }
 
 /// A balance event in CNY fen, observed now.
@@ -440,7 +495,7 @@ pub fn command(subscriber: &str, id: &str, tokens: &[&str]) -> TopUpCommand {
                 label: String::new(),
                 expires: String::new(),
                 currency: String::new(),
-                method_id: String::new(),
+                method_id: topup_domain::payment_method_id(PaymentMethodKind::Card as i32, token),
             })
             .collect(),
         idempotency_key: topup_domain::idempotency_key(id),

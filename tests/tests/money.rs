@@ -27,7 +27,7 @@ fn card(token: &str) -> PaymentMethod {
         label: String::new(),
         expires: String::new(),
         currency: "CNY".into(),
-        method_id: String::new(),
+        method_id: payment_method_id(PaymentMethodKind::Card as i32, token),
     }
 }
 
@@ -246,8 +246,8 @@ async fn a_charge_is_made_only_while_the_rule_allows_it() -> anyhow::Result<()> 
     platform.stop().await
 }
 
-/// A charge parked in the retry lane (the gateway keeps answering 503) is not charged once
-/// the rule is paused: the retry reads the pause and cancels.
+/// A charge parked in the retry lane (the gateway answers 503 eight times, then would
+/// approve) is not charged once the rule is paused: the retry reads the pause and cancels.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_parked_retry_is_not_charged_after_a_pause() -> anyhow::Result<()> {
     let gateway = GatewayServer::start().await?;
@@ -255,7 +255,8 @@ async fn a_parked_retry_is_not_charged_after_a_pause() -> anyhow::Result<()> {
     let mut config = platform.http_payment_config(&gateway.url);
     config.max_attempts = 1_000;
     platform.start_payment_worker(config.clone(), config.gateway()?);
-    let token = "tok_storm100000";
+    // Approved on the 9th request: without the check at charge time, this is charged.
+    let token = "tok_storm9";
     platform.publish_rule(rule_with("sub-parked", &[token], RuleState::Active)).await?;
     let mut c = command("sub-parked", "cmd-parked", &[token]);
     c.payment_methods = vec![card(token)];

@@ -19,6 +19,7 @@ async fn a_service_says_when_it_is_alive_ready_and_what_it_did() -> anyhow::Resu
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut child = topup_tests::child_command(env!("CARGO_BIN_EXE_evaluator_child"))
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
+        .env("KAFKA_MOCK_CLUSTER", platform.kafka.mock_cluster.to_string())
         .env("HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("LOG_FORMAT", "json")
         .env("RUST_LOG", "warn")

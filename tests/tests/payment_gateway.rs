@@ -220,6 +220,7 @@ async fn one_subscribers_gateway_outage_does_not_hold_back_the_others() -> anyho
 fn spawn_worker(platform: &Platform, url: &str) -> anyhow::Result<tokio::process::Child> {
     topup_tests::child_command(env!("CARGO_BIN_EXE_payment_worker_child"))
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
+        .env("KAFKA_MOCK_CLUSTER", platform.kafka.mock_cluster.to_string())
         .env("KAFKA_SESSION_TIMEOUT_MS", platform.kafka.session_timeout_ms.to_string())
         .env("KAFKA_TRANSACTION_TIMEOUT_MS", platform.kafka.transaction_timeout_ms.to_string())
         .env("PAYMENT_GATEWAY", "http")

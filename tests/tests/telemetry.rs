@@ -156,11 +156,24 @@ async fn traceparents(platform: &Platform, topic: &str) -> anyhow::Result<Vec<(S
     }
     consumer.assign(&assignment)?;
     let mut found = Vec::new();
-    let mut positions = vec![0i64; ends.len()];
-    let done = |positions: &[i64]| positions.iter().zip(&ends).all(|(p, e)| p >= e);
-    while !done(&positions) {
-        let message = tokio::time::timeout(WAIT, consumer.recv()).await??;
-        positions[message.partition() as usize] = message.offset() + 1;
+    // The consumer's position moves past transaction markers too, which never arrive as
+    // messages: the end is reached when every position is at its partition's end.
+    let done = |consumer: &StreamConsumer| -> anyhow::Result<bool> {
+        let positions = consumer.position()?;
+        Ok((0..PARTITIONS).zip(&ends).all(|(partition, end)| {
+            let at = positions.find_partition(topic, partition).map(|p| p.offset());
+            *end == 0 || matches!(at, Some(Offset::Offset(n)) if n >= *end)
+        }))
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !done(&consumer)? {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "{topic} not read to its end");
+        let Ok(message) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), consumer.recv()).await
+        else {
+            continue;
+        };
+        let message = message?;
         let key = String::from_utf8_lossy(message.key().unwrap_or_default()).to_string();
         if let Some(headers) = message.headers() {
             for header in headers.iter() {
@@ -182,6 +195,7 @@ async fn a_service_exports_spans_and_metrics_over_otlp_when_told_where() -> anyh
     let platform = Platform::cluster()?;
     let mut child = topup_tests::child_command(env!("CARGO_BIN_EXE_evaluator_child"))
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
+        .env("KAFKA_MOCK_CLUSTER", platform.kafka.mock_cluster.to_string())
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", &sink.endpoint)
         .env("OTEL_BSP_SCHEDULE_DELAY", "100")
         .env("OTEL_METRIC_EXPORT_INTERVAL", "300")

@@ -67,14 +67,22 @@ pub fn command_row(command: &TopUpCommand) -> Option<TopUpRow> {
 /// The history row a result makes (or completes).
 pub fn result_row(result: &TopUpResult) -> Option<TopUpRow> {
     let amount = result.amount.as_ref()?;
-    let succeeded = result.status == TopUpStatus::Succeeded as i32;
+    let status = TopUpStatus::try_from(result.status).unwrap_or(TopUpStatus::Unspecified);
+    let succeeded = status == TopUpStatus::Succeeded;
     let completed = millis(result.completed_at.as_ref());
     Some(TopUpRow {
         command_id: result.command_id.clone(),
         subscriber_id: result.subscriber_id.clone(),
         amount_minor: amount.amount_minor,
         currency: amount.currency.clone(),
-        status: if succeeded { "succeeded" } else { "failed" }.into(),
+        // A top-up awaiting reconciliation is not "failed": it may have been charged.
+        status: match status {
+            TopUpStatus::Succeeded => "succeeded",
+            TopUpStatus::Cancelled => "cancelled",
+            TopUpStatus::NeedsReconciliation => "pending",
+            _ => "failed",
+        }
+        .into(),
         reason: if succeeded {
             String::new()
         } else {

@@ -241,18 +241,10 @@ fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMet
     if raw.label.len() > 64 {
         return Err(ValidationError::new(format!("{field}.label"), "is longer than 64 bytes"));
     }
-    if raw.method_id.len() > 64 || !raw.method_id.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ValidationError::new(
-            format!("{field}.method_id"),
-            "must be at most 64 printable ASCII characters",
-        ));
-    }
     Ok(PaymentMethod {
-        id: if raw.method_id.is_empty() {
-            crate::payment_method_id(raw.kind, &raw.token)
-        } else {
-            raw.method_id.clone()
-        },
+        // Derived, never taken from the record: a writer cannot give a new token the id (and
+        // so the authorisation and the keys) of a method it replaces.
+        id: crate::payment_method_id(raw.kind, &raw.token),
         token: raw.token.clone(),
         kind,
         label: raw.label.clone(),

@@ -109,6 +109,12 @@ pub struct InFlight {
     pub rule_version: u64,
     /// The balance that caused it, in minor units.
     pub cause_balance_minor: i64,
+    /// When its command was first issued, seconds since the epoch (0 unknown): commands
+    /// issued again carry it, so the payment worker's age bound counts from the first issue.
+    pub first_issued_at: i64,
+    /// A balance seen while it was in flight already shows its credit (the carrier credited
+    /// before its result reached the evaluator).
+    pub credit_seen: bool,
 }
 
 /// Where an input record is: its topic (one of the evaluator's inputs) and offset.
@@ -134,6 +140,15 @@ pub struct CapCounters {
 }
 
 impl InFlight {
+    /// `command` as issued again: with the first issue's time, so that its age is the
+    /// top-up's age, not the reissue's.
+    fn first_issue(&self, mut command: TopUpCommand) -> TopUpCommand {
+        if self.first_issued_at > 0 {
+            command.issued_at = Some(Timestamp { seconds: self.first_issued_at, nanos: 0 });
+        }
+        command
+    }
+
     /// The command's payment methods; a state written before they were kept has none, and
     /// then the rule's stand in.
     fn methods_or<'a>(&'a self, rule: &'a Rule) -> &'a [topup_proto::v1::PaymentMethod] {
@@ -244,11 +259,19 @@ pub fn decide(
                 }
             }
             state.awaiting_credit = false;
+            let rise = state
+                .balance
+                .as_ref()
+                .map_or(0, |last| observation.balance.minor.saturating_sub(last.money.minor));
+            if let Some(flight) = state.in_flight.as_mut() {
+                // Results and balances have no order: the credit may be seen first.
+                if observation.credited_command_ids.contains(&flight.command_id)
+                    || rise >= flight.amount.minor
+                {
+                    flight.credit_seen = true;
+                }
+            }
             if let Some(watch) = &state.credit_watch {
-                let rise = state
-                    .balance
-                    .as_ref()
-                    .map_or(0, |last| observation.balance.minor.saturating_sub(last.money.minor));
                 if observation.credited_command_ids.contains(&watch.command_id)
                     || rise >= watch.amount.minor
                     || observation.balance.minor
@@ -307,6 +330,7 @@ pub fn decide(
                 // A result for something no longer in flight (a duplicate): nothing to close.
                 return Ok((state, effects));
             };
+            let mut credited = false;
             match outcome.status {
                 OutcomeStatus::Unresolved => {
                     // Money may have moved: keep the top-up (and what it took of the caps)
@@ -327,11 +351,14 @@ pub fn decide(
                     }
                 }
                 OutcomeStatus::Charged => {
-                    let credited = state.balance.as_ref().is_some_and(|b| {
-                        b.sequence > flight.cause_sequence
-                            && b.money.minor
-                                >= flight.cause_balance_minor.saturating_add(flight.amount.minor)
-                    });
+                    credited = flight.credit_seen
+                        || state.balance.as_ref().is_some_and(|b| {
+                            b.sequence > flight.cause_sequence
+                                && b.money.minor
+                                    >= flight
+                                        .cause_balance_minor
+                                        .saturating_add(flight.amount.minor)
+                        });
                     state.credit_watch =
                         (settings.credit_deadline_secs > 0 && !credited).then(|| CreditWatch {
                             command_id: flight.command_id.clone(),
@@ -344,7 +371,7 @@ pub fn decide(
             }
             // The balance we know is from before this top-up: until the carrier reports the
             // credited one, it must not fire another.
-            state.awaiting_credit = outcome.charged();
+            state.awaiting_credit = outcome.charged() && !credited;
             state.in_flight = None;
         }
     }
@@ -408,6 +435,8 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         payment_methods: methods.clone(),
         rule_version: state.rule_version,
         cause_balance_minor: balance.money.minor,
+        first_issued_at: now.seconds,
+        credit_seen: false,
     });
     state.caps.topups_today += 1;
     state.caps.amount_this_month = state.caps.amount_this_month.saturating_add(amount.minor);
@@ -494,7 +523,7 @@ pub fn reissue(
         flight.rule_version,
         now,
     );
-    Some(vec![Effect::Command(command), Effect::Notify(started)])
+    Some(vec![Effect::Command(flight.first_issue(command)), Effect::Notify(started)])
 }
 
 /// How many times a top-up's command is issued again at most: a gateway remembers an
@@ -550,6 +579,7 @@ pub fn reissue_overdue(
         flight.rule_version,
         now,
     );
+    let command = flight.first_issue(command);
     if let Some(flight) = state.in_flight.as_mut() {
         flight.issued_at = now.seconds;
         flight.reissued += 1;

@@ -98,6 +98,8 @@ impl SubscriberState {
                 payment_methods: f.payment_methods.clone(),
                 rule_version: f.rule_version,
                 cause_balance_minor: f.cause_balance_minor,
+                first_issued_at_seconds: f.first_issued_at,
+                credit_seen: f.credit_seen,
             }),
             armed: self.armed,
             reminder_armed: self.reminder_armed,
@@ -166,6 +168,8 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
                 payment_methods: f.payment_methods.clone(),
                 rule_version: f.rule_version,
                 cause_balance_minor: f.cause_balance_minor,
+                first_issued_at: f.first_issued_at_seconds,
+                credit_seen: f.credit_seen,
             }),
             None => None,
         };

@@ -25,8 +25,21 @@ pub struct KafkaArgs {
 
     /// Extra librdkafka properties (`key=value`, comma-separated), e.g.
     /// `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`.
-    #[arg(long = "kafka-property", env = "KAFKA_PROPERTIES", value_delimiter = ',')]
+    #[arg(
+        long = "kafka-property",
+        env = "KAFKA_PROPERTIES",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub properties: Vec<String>,
+
+    /// The brokers are librdkafka's mock cluster (the embedded demo, quick local tests):
+    /// switch on the workarounds for what it does not do — it stores no transactional
+    /// offset commit (offsets are committed again, plainly) and shows records of
+    /// transactions never committed (the evaluator issues the in-flight command again when
+    /// the record that issued it is read again). Never needed on Apache Kafka.
+    #[arg(long = "kafka-mock-cluster", env = "KAFKA_MOCK_CLUSTER")]
+    pub mock_cluster: bool,
 }
 
 impl KafkaArgs {
@@ -37,6 +50,7 @@ impl KafkaArgs {
             session_timeout_ms: 10_000,
             transaction_timeout_ms: 10_000,
             properties: Vec::new(),
+            mock_cluster: false,
         }
     }
 

@@ -580,12 +580,14 @@ async fn process_batch<P: Processor>(
         let labels = [("service", spec.service), ("topic", topic), ("reason", class.as_str())];
         metrics.dead_letters.inc_by(&labels, n);
     }
-    // The same offsets again, as a plain commit. On a real broker this is redundant: the
-    // transaction committed them. librdkafka's mock cluster acknowledges the transactional
-    // offset commit but does not store it (rdkafka_mock_handlers.c, TxnOffsetCommit), so
-    // without this a restarted consumer would start from the beginning. See the README.
-    if let Err(error) = consumer.commit(&list, CommitMode::Async) {
-        tracing::warn!(service = spec.service, %error, "plain offset commit failed");
+    // On the mock cluster only, the same offsets again as a plain commit: it acknowledges
+    // the transactional offset commit but does not store it (rdkafka_mock_handlers.c,
+    // TxnOffsetCommit), so without this a restarted consumer would start from the
+    // beginning. On Apache Kafka the transaction committed them (docs/guarantees.md).
+    if spec.kafka.mock_cluster {
+        if let Err(error) = consumer.commit(&list, CommitMode::Async) {
+            tracing::warn!(service = spec.service, %error, "plain offset commit failed");
+        }
     }
     Ok(())
 }

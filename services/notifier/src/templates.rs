@@ -195,7 +195,7 @@ mod tests {
     use super::*;
 
     fn all_kinds() -> Vec<NotificationKind> {
-        (1..=9).filter_map(|k| NotificationKind::try_from(k).ok()).collect()
+        (1..=11).filter_map(|k| NotificationKind::try_from(k).ok()).collect()
     }
 
     fn sample(kind: NotificationKind, locale: &str) -> NotificationCommand {

@@ -35,14 +35,10 @@ pub struct RuleAuthority {
     pub method_ids: Vec<String>,
 }
 
-/// The stable id of a command's payment method: its own, or (records from before ids) the
-/// one derived from its kind and token, as the rule's validation derives it.
+/// The stable id of a command's payment method, derived from its kind and token as the
+/// rule's validation derives it (whatever id the record carries).
 pub fn method_id_of(method: &PaymentMethod) -> String {
-    if method.method_id.is_empty() {
-        payment_method_id(method.kind, &method.token)
-    } else {
-        method.method_id.clone()
-    }
+    payment_method_id(method.kind, &method.token)
 }
 
 #[derive(Default)]

@@ -151,6 +151,10 @@ struct Charge {
     outcome_unknown: bool,
     /// When the current method's key was first sent.
     first_attempt_at: Option<SystemTime>,
+    /// A command from before method ids (its methods carry none): charged under the keys it
+    /// had then — `<command key>` for the first method, `<command key>-m<index>` after —
+    /// so that a charge begun before an upgrade is never sent again under a new key.
+    legacy_keys: bool,
     result: TopUpResult,
 }
 
@@ -321,6 +325,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
         }
         result.attempts = 0;
         Ok(Charge {
+            legacy_keys: legacy_keys(&command),
             command,
             subscriber,
             amount,
@@ -346,13 +351,22 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             })?;
         let result =
             retry.result_so_far.ok_or_else(|| Refusal::new("result_so_far: is required"))?;
+        if usize::try_from(retry.method_index).map_or(true, |i| i >= command.payment_methods.len())
+        {
+            return Err(Refusal::new("method_index: beyond the command's payment methods"));
+        }
+        // Parked before this version (no first attempt time): it was parked for any
+        // transient error, timeouts included, so it may have charged: resolve it first.
+        let parked_before_outcome_classes =
+            retry.first_attempt_at.is_none() && retry.attempts_on_method > 0;
         Ok(Charge {
             subscriber,
             amount,
             method_index: usize::try_from(retry.method_index).unwrap_or(usize::MAX),
             attempts_on_method: retry.attempts_on_method,
             deadline: retry.deadline.as_ref().map_or_else(SystemTime::now, system_time),
-            outcome_unknown: retry.outcome_unknown,
+            outcome_unknown: retry.outcome_unknown || parked_before_outcome_classes,
+            legacy_keys: legacy_keys(&command),
             first_attempt_at: retry.first_attempt_at.as_ref().map(system_time),
             result,
             command,
@@ -427,7 +441,11 @@ impl<G: PaymentGateway> PaymentWorker<G> {
         let mut expired = Vec::new();
         while let Some(method) = charge.command.payment_methods.get(charge.method_index).cloned() {
             let method_id = method_id_of(&method);
-            let key = method_idempotency_key(&charge.command.idempotency_key, &method_id);
+            let key = if charge.legacy_keys {
+                legacy_method_key(&charge.command.idempotency_key, charge.method_index)
+            } else {
+                method_idempotency_key(&charge.command.idempotency_key, &method_id)
+            };
             charge.result.payment_method = Some(PaymentMethod {
                 token: method.token.clone(),
                 kind: method.kind,
@@ -684,6 +702,21 @@ enum Unchargeable {
 impl From<Refusal> for Unchargeable {
     fn from(refusal: Refusal) -> Self {
         Self::Malformed(refusal)
+    }
+}
+
+/// A command from before method ids: none of its methods carries one.
+fn legacy_keys(command: &TopUpCommand) -> bool {
+    command.payment_methods.iter().all(|m| m.method_id.is_empty())
+}
+
+/// The key scheme before method ids: the command's key for the first method,
+/// `<key>-m<index>` for the others.
+fn legacy_method_key(command_key: &str, index: usize) -> String {
+    if index == 0 {
+        command_key.to_string()
+    } else {
+        format!("{command_key}-m{index}")
     }
 }
 

@@ -2,7 +2,7 @@
 //! with every topic created with the platform's partitioning.
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
-use topup_kafka::{create_topics_on_mock, TopicSpec};
+use topup_kafka::{create_topics_on_mock, KafkaArgs, TopicSpec};
 
 /// Brokers of the embedded cluster (replication 3, like a small real cluster).
 pub const BROKERS: i32 = 3;
@@ -23,6 +23,11 @@ impl EmbeddedKafka {
     /// `host:port,...` for `bootstrap.servers`.
     pub fn bootstrap_servers(&self) -> String {
         self.cluster.bootstrap_servers()
+    }
+
+    /// Client settings for this cluster, with the mock's workarounds switched on.
+    pub fn kafka_args(&self) -> KafkaArgs {
+        KafkaArgs { mock_cluster: true, ..KafkaArgs::new(self.bootstrap_servers()) }
     }
 
     /// The mock cluster, for fault injection.

@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         }
         None => {
             let embedded = EmbeddedKafka::start(cli.partitions)?;
-            let kafka = KafkaArgs::new(embedded.bootstrap_servers());
+            let kafka = embedded.kafka_args();
             (Some(embedded), kafka)
         }
     };

@@ -298,11 +298,26 @@ pub async fn run(cli: Cli, out: &mut (impl Write + Send)) -> anyhow::Result<()> 
         }
         Command::Settle { subscriber, command_id, approved, refused, evidence } => {
             use topup_proto::v1::{FailureReason, TopUpResult, TopUpStatus};
+            // What billing and the history need of the top-up (amount, method, key) comes
+            // from the result that asked for reconciliation, when there is one.
+            let (reader, id) = (kafka.clone(), command_id.clone());
+            let earlier = tokio::task::spawn_blocking(move || read_topic(&reader, topics::RESULTS))
+                .await??
+                .into_iter()
+                .filter_map(|r| TopUpResult::decode(r.payload.as_deref().unwrap_or_default()).ok())
+                .rfind(|r| r.command_id == id)
+                .unwrap_or_default();
             let mut result = TopUpResult {
                 command_id,
                 subscriber_id: subscriber.clone(),
                 settled_by: evidence,
                 completed_at: Some(topup_kafka::now_timestamp()),
+                amount: earlier.amount,
+                payment_method: earlier.payment_method,
+                idempotency_key: earlier.idempotency_key,
+                carrier_id: earlier.carrier_id,
+                observed_at: earlier.observed_at,
+                attempts: earlier.attempts,
                 ..Default::default()
             };
             match (approved, refused) {

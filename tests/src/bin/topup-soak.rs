@@ -69,6 +69,7 @@ fn spawn(
     let program = std::env::current_exe()?.with_file_name(name);
     topup_tests::child_command(program)
         .env("KAFKA_BROKERS", &platform.kafka.brokers)
+        .env("KAFKA_MOCK_CLUSTER", platform.kafka.mock_cluster.to_string())
         .env("KAFKA_SESSION_TIMEOUT_MS", platform.kafka.session_timeout_ms.to_string())
         .env("KAFKA_TRANSACTION_TIMEOUT_MS", platform.kafka.transaction_timeout_ms.to_string())
         .env("PAYMENT_GATEWAY", "http")
@@ -164,7 +165,7 @@ async fn main() -> anyhow::Result<()> {
     };
     // Every subscriber's SMS goes to the same test number: its first 300 messages fail.
     outside.webhooks.flaky("+86 13812345678", 300);
-    let cluster = Platform::cluster()?;
+    let cluster = Platform::three_brokers()?;
     let platform = &cluster;
     let services = [Service::Evaluator, Service::PaymentWorker, Service::Notifier];
     let mut children = Vec::new();
@@ -227,9 +228,9 @@ async fn main() -> anyhow::Result<()> {
         }
         if now >= next_outage {
             let broker = (outages % 3) as i32 + 1;
-            platform.kafka_cluster.cluster().broker_down(broker)?;
+            platform.kafka_cluster.broker_down(broker)?;
             tokio::time::sleep(Duration::from_secs(2)).await;
-            platform.kafka_cluster.cluster().broker_up(broker)?;
+            platform.kafka_cluster.broker_up(broker)?;
             outages += 1;
             next_outage += cli.broker_every_secs;
         }

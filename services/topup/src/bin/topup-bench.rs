@@ -325,7 +325,7 @@ struct Latency {
 /// Phase 3: a steady stream; every other event of a subscriber drops below its threshold.
 async fn latency(cli: &Cli) -> anyhow::Result<(Latency, Vec<f64>, Vec<f64>)> {
     let embedded = EmbeddedKafka::start(PARTITIONS)?;
-    let kafka = KafkaArgs::new(embedded.bootstrap_servers());
+    let kafka = embedded.kafka_args();
     let producer: Sender = kafka.producer().create()?;
     let subscribers = cli.latency_subscribers.max(1);
     for s in 0..subscribers {
@@ -550,7 +550,7 @@ async fn main() -> anyhow::Result<()> {
     for round in 0..cli.rounds.max(1) {
         let embedded = EmbeddedKafka::start(PARTITIONS)?;
         embedded.cluster().create_topic(SINK, PARTITIONS, 3)?;
-        let kafka = KafkaArgs::new(embedded.bootstrap_servers());
+        let kafka = embedded.kafka_args();
         preload(&kafka, &cli)?;
         let stop = CancellationToken::new();
         tokio::spawn(run_pipeline(
@@ -587,7 +587,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Phase 2: the whole pipeline on a fresh cluster.
     let embedded = EmbeddedKafka::start(PARTITIONS)?;
-    let kafka = KafkaArgs::new(embedded.bootstrap_servers());
+    let kafka = embedded.kafka_args();
     preload(&kafka, &cli)?;
     let stop = CancellationToken::new();
     start_all(&kafka, cli.max_batch, &stop);
