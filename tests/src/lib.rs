@@ -87,7 +87,7 @@ impl Platform {
 
     fn on(kafka_cluster: kafka::TestKafka) -> anyhow::Result<Self> {
         let mut kafka = kafka_cluster.kafka_args();
-        // Short timeouts, so restarts and rebalances in tests take seconds (KAFKA-NOTES.md).
+        // Short timeouts, so restarts and rebalances in tests take seconds (docs/kafka.md).
         kafka.session_timeout_ms = 6_000;
         kafka.transaction_timeout_ms = 6_000;
         let producer = kafka.producer().create()?;

@@ -116,7 +116,7 @@ async fn assert_ledger(
     assert_eq!(per_subscriber.count(), subs.len(), "one charge per subscriber");
     // On the mock cluster a killed service's unfinished transaction stays visible and a
     // crash between a committed transaction and the plain offset commit replays a batch
-    // (README, "Guarantees and their limits"): records may repeat; the charge is made once.
+    // (docs/guarantees.md): records may repeat there; the charge is made once.
     println!("repeated after crashes: {repeated_commands} commands, {duplicated_results} results");
     // Apache Kafka honours read_committed: what a killed service never committed is never
     // seen, so not one record repeats. Only the mock cluster may show repeats.

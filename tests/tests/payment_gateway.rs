@@ -166,7 +166,7 @@ async fn safety_limits_refuse_before_any_money_moves() -> anyhow::Result<()> {
     platform.stop().await
 }
 
-/// The bound the README states: another subscriber's top-up waits at most one gateway
+/// The bound docs/payment-worker.md states: another subscriber's top-up waits at most one gateway
 /// timeout (1 s in tests) behind a subscriber whose gateway hangs, plus ordinary latency.
 const OUTAGE_BOUND: Duration = Duration::from_secs(3);
 

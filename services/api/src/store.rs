@@ -61,7 +61,7 @@ pub struct TopUpRow {
     pub amount_minor: i64,
     /// ISO 4217.
     pub currency: String,
-    /// pending, succeeded, failed.
+    /// pending, succeeded, failed, cancelled.
     pub status: String,
     /// Failure reason name, or empty.
     pub reason: String,

@@ -1,7 +1,7 @@
 //! The decision, pure: `decide(state, event, now) -> (state, effects)`. No Kafka, no clock,
 //! no randomness; everything it needs arrives as arguments, so a replay decides the same.
 //!
-//! Semantics (see the README): only an active rule charges; it fires once per downward
+//! Semantics (see docs/architecture.md): only an active rule charges; it fires once per downward
 //! crossing of the threshold; one top-up in flight per subscriber; a failed top-up waits
 //! for a new crossing or a rule change; caps count per UTC day and UTC calendar month;
 //! stale balance events change nothing; without an active rule a low balance gets one

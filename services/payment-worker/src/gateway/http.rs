@@ -1,5 +1,5 @@
 //! The HTTP gateway client: one signed JSON request per charge attempt, to a payment
-//! provider or to a bridge in front of one. The wire format (also in the README):
+//! provider or to a bridge in front of one. The wire format (also in docs/payment-worker.md):
 //!
 //! ```text
 //! POST {url}
