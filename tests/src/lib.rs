@@ -75,14 +75,14 @@ impl Platform {
     /// A broker with the topics, and nothing running yet.
     pub fn cluster() -> anyhow::Result<Self> {
         topup_kafka::init_logging();
-        Self::on(kafka::TestKafka::start(PARTITIONS)?)
+        Self::on(kafka::TestKafka::start(kafka::kind(1)?, PARTITIONS)?)
     }
 
     /// Three brokers (replication 3, `min.insync.replicas=2`) with the topics, and nothing
     /// running yet: for tests that take brokers down.
     pub fn three_brokers() -> anyhow::Result<Self> {
         topup_kafka::init_logging();
-        Self::on(kafka::TestKafka::start_cluster(PARTITIONS)?)
+        Self::on(kafka::TestKafka::start(kafka::kind(3)?, PARTITIONS)?)
     }
 
     fn on(kafka_cluster: kafka::TestKafka) -> anyhow::Result<Self> {

@@ -36,8 +36,6 @@ pub enum TopUpAmount {
 /// A stored payment method: an opaque gateway token with its kind.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PaymentMethod {
-    /// Stable id on the rule (see [`crate::payment_method_id`]).
-    pub id: String,
     /// Gateway token; never a card number.
     pub token: String,
     /// Card, debit card, Alipay, WeChat Pay, ...
@@ -57,6 +55,16 @@ pub struct MonthlyTopUp {
     pub day_of_month: u32,
     /// How much.
     pub amount: Money,
+}
+
+impl PaymentMethod {
+    /// Its stable id, derived from its kind and token (see [`crate::payment_method_id`]);
+    /// never taken from the record, so a writer cannot give a new token the id (and so the
+    /// authorisation and the keys) of a method it replaces. Computed, not kept: state stays
+    /// small.
+    pub fn id(&self) -> String {
+        crate::payment_method_id(self.kind as i32, &self.token)
+    }
 }
 
 impl MonthlyTopUp {
@@ -242,9 +250,6 @@ fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMet
         return Err(ValidationError::new(format!("{field}.label"), "is longer than 64 bytes"));
     }
     Ok(PaymentMethod {
-        // Derived, never taken from the record: a writer cannot give a new token the id (and
-        // so the authorisation and the keys) of a method it replaces.
-        id: crate::payment_method_id(raw.kind, &raw.token),
         token: raw.token.clone(),
         kind,
         label: raw.label.clone(),
@@ -377,11 +382,7 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
                 Some(MonthlyTopUp { day_of_month: m.day_of_month, amount })
             }
         };
-        // The wire form carries every method's id, so commands built from it do.
-        let mut wire = raw.clone();
-        for (method, valid) in wire.payment_methods.iter_mut().zip(&payment_methods) {
-            method.method_id.clone_from(&valid.id);
-        }
+        let wire = raw.clone();
         Ok(Rule {
             monthly,
             subscriber,

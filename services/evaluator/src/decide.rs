@@ -44,8 +44,9 @@ pub struct SubscriberState {
     /// A top-up succeeded after the last balance seen: that balance is stale, and a rule
     /// change (pause and resume) must not fire on it again.
     pub awaiting_credit: bool,
-    /// A charged top-up whose credit by the carrier has not been seen yet.
-    pub credit_watch: Option<CreditWatch>,
+    /// A charged top-up whose credit by the carrier has not been seen yet (boxed: most
+    /// subscribers have none, and state is kept for millions).
+    pub credit_watch: Option<Box<CreditWatch>>,
     /// One more than the offset of the rule in force on topup.rules.v1 (0 unknown): the
     /// version commands carry, so that the payment worker can tell a later rule change.
     pub rule_version: u64,
@@ -103,7 +104,8 @@ pub struct InFlight {
     /// kept, never issued again, until a settlement arrives.
     pub awaiting_reconciliation: bool,
     /// The command's payment methods (with their ids), so a command issued again carries
-    /// exactly these, and so the same idempotency keys.
+    /// exactly these, and so the same idempotency keys. Empty while they are the rule's
+    /// (copied when the rule changes).
     pub payment_methods: Vec<topup_proto::v1::PaymentMethod>,
     /// The rule version the command carried.
     pub rule_version: u64,
@@ -149,8 +151,8 @@ impl InFlight {
         command
     }
 
-    /// The command's payment methods; a state written before they were kept has none, and
-    /// then the rule's stand in.
+    /// The command's payment methods: kept here once the rule changed, the rule's until then
+    /// (and for a state written before they were kept).
     fn methods_or<'a>(&'a self, rule: &'a Rule) -> &'a [topup_proto::v1::PaymentMethod] {
         if self.payment_methods.is_empty() {
             &rule.wire.payment_methods
@@ -301,6 +303,15 @@ pub fn decide(
             }
             let was_active = state.rule.as_deref().is_some_and(Rule::is_active);
             let changed = state.rule.as_ref().map(|r| &r.wire) != Some(&rule.wire);
+            // A top-up in flight keeps the methods it was issued with (and so its keys): they
+            // are copied from the old rule the moment the rule changes.
+            if let (Some(flight), Some(old)) = (state.in_flight.as_mut(), state.rule.as_deref()) {
+                if flight.payment_methods.is_empty()
+                    && old.wire.payment_methods != rule.wire.payment_methods
+                {
+                    flight.payment_methods.clone_from(&old.wire.payment_methods);
+                }
+            }
             if rule.state == RuleState::Deleted {
                 state.rule = None;
             } else {
@@ -360,12 +371,14 @@ pub fn decide(
                                         .saturating_add(flight.amount.minor)
                         });
                     state.credit_watch =
-                        (settings.credit_deadline_secs > 0 && !credited).then(|| CreditWatch {
-                            command_id: flight.command_id.clone(),
-                            amount: flight.amount,
-                            balance_before_minor: flight.cause_balance_minor,
-                            due: now.seconds.saturating_add(settings.credit_deadline_secs),
-                            raised: false,
+                        (settings.credit_deadline_secs > 0 && !credited).then(|| {
+                            Box::new(CreditWatch {
+                                command_id: flight.command_id.clone(),
+                                amount: flight.amount,
+                                balance_before_minor: flight.cause_balance_minor,
+                                due: now.seconds.saturating_add(settings.credit_deadline_secs),
+                                raised: false,
+                            })
                         });
                 }
             }
@@ -432,7 +445,9 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         issued_at: now.seconds,
         reissued: 0,
         awaiting_reconciliation: false,
-        payment_methods: methods.clone(),
+        // The rule's methods stand in until the rule changes (see `Event::Rule`): a state
+        // record written on every balance need not carry them.
+        payment_methods: Vec::new(),
         rule_version: state.rule_version,
         cause_balance_minor: balance.money.minor,
         first_issued_at: now.seconds,
@@ -462,7 +477,14 @@ fn command_effects(
         command_id: id.to_string(),
         subscriber_id: state.subscriber.to_string(),
         amount: Some(amount.to_wire()),
-        payment_methods: methods.to_vec(),
+        // Each with its stable id: the payment worker derives the keys from it.
+        payment_methods: methods
+            .iter()
+            .map(|m| topup_proto::v1::PaymentMethod {
+                method_id: topup_domain::payment_method_id(m.kind, &m.token),
+                ..m.clone()
+            })
+            .collect(),
         idempotency_key: idempotency_key(id),
         cause_event_id: format!("{}/{}", state.subscriber, balance.sequence),
         cause_sequence: balance.sequence,

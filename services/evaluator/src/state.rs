@@ -174,13 +174,13 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
             None => None,
         };
         let credit_watch = match record.credit_watch.as_ref() {
-            Some(w) => Some(CreditWatch {
+            Some(w) => Some(Box::new(CreditWatch {
                 command_id: w.command_id.clone(),
                 amount: money(w.amount.as_ref(), "credit_watch.amount")?,
                 balance_before_minor: w.balance_before_minor,
                 due: w.due_seconds,
                 raised: w.raised,
-            }),
+            })),
             None => None,
         };
         Ok(Self {

@@ -229,7 +229,7 @@ fn authority_of(payload: Option<&[u8]>, version: u64) -> Option<(String, RuleAut
     let authority = RuleAuthority {
         version,
         active: rule.is_active(),
-        method_ids: rule.payment_methods.iter().map(|m| m.id.clone()).collect(),
+        method_ids: rule.payment_methods.iter().map(topup_domain::PaymentMethod::id).collect(),
     };
     Some((rule.subscriber.to_string(), authority))
 }

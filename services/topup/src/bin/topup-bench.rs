@@ -1,5 +1,7 @@
 //! `topup-bench`: the platform's speed, measured against a raw Kafka baseline in the same
-//! run, on the embedded mock cluster. Each phase gets a fresh cluster:
+//! run, on each kind of Kafka asked for (`--brokers mock,apache,apache3`, side by side:
+//! the embedded mock cluster, Apache Kafka started by scripts/kafka). Each phase gets fresh
+//! brokers:
 //!
 //! 1. **Evaluator alone vs raw baseline**: the same preloaded balance events through the
 //!    raw baseline (the shared transactional loop, same settings and batch size, one
@@ -24,7 +26,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
-use topup::embedded::EmbeddedKafka;
+use topup::brokers::{BrokerKind, Brokers};
 use topup::simulator::rule_for;
 use topup_evaluator::decide::{decide, Event, Settings, SubscriberState};
 use topup_kafka::{run_pipeline, Input, KafkaArgs, Output, PipelineSpec, Processor, Refusal};
@@ -63,6 +65,10 @@ struct Cli {
     /// Subscribers in the latency phase (each with an active rule).
     #[arg(long, default_value_t = 2_000)]
     latency_subscribers: u64,
+    /// The Kafkas to measure on, side by side: mock (in this process), apache (one node),
+    /// apache3 (a controller and three brokers), started by scripts/kafka.
+    #[arg(long, value_delimiter = ',', default_value = "mock,apache")]
+    brokers: Vec<BrokerKind>,
     /// Where the JSON figures and the chart go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -105,7 +111,11 @@ fn send(producer: &Sender, topic: &str, key: &str, payload: &[u8]) -> anyhow::Re
                     rdkafka::types::RDKafkaErrorCode::QueueFull,
                 ),
                 _,
-            )) => producer.flush(Duration::from_millis(100))?,
+            )) => {
+                // The queue is full: let the broker take some (a timeout here only means it
+                // has not taken all of it yet), then send again.
+                let _ = producer.flush(Duration::from_millis(100));
+            }
             Err((e, _)) => return Err(e.into()),
         }
     }
@@ -156,7 +166,14 @@ fn preload(kafka: &KafkaArgs, cli: &Cli) -> anyhow::Result<()> {
 struct Lag {
     consumer: BaseConsumer,
     wanted: TopicPartitionList,
+    /// Apache Kafka: a transaction's commit marker follows its last record, so a group that
+    /// has committed everything is one offset short of the end of a topic written in
+    /// transactions.
+    markers: bool,
 }
+
+/// Topics the services write in transactions.
+const TRANSACTIONAL_TOPICS: [&str; 3] = [topics::COMMANDS, topics::NOTIFICATIONS, topics::RESULTS];
 
 impl Lag {
     fn new(kafka: &KafkaArgs, group: &str, topics: &[&str]) -> anyhow::Result<Self> {
@@ -167,7 +184,7 @@ impl Lag {
                 wanted.add_partition(topic, p);
             }
         }
-        Ok(Self { consumer, wanted })
+        Ok(Self { consumer, wanted, markers: !kafka.mock_cluster })
     }
 
     /// (committed, remaining) over every partition.
@@ -185,8 +202,9 @@ impl Lag {
                 Offset::Offset(n) => n,
                 _ => 0,
             };
+            let marker = i64::from(self.markers && TRANSACTIONAL_TOPICS.contains(&e.topic()));
             done += at;
-            left += (high - at).max(0);
+            left += (high - at - marker).max(0);
         }
         Ok((done, left))
     }
@@ -323,9 +341,9 @@ struct Latency {
 }
 
 /// Phase 3: a steady stream; every other event of a subscriber drops below its threshold.
-async fn latency(cli: &Cli) -> anyhow::Result<(Latency, Vec<f64>, Vec<f64>)> {
-    let embedded = EmbeddedKafka::start(PARTITIONS)?;
-    let kafka = embedded.kafka_args();
+async fn latency(cli: &Cli, kind: BrokerKind) -> anyhow::Result<(Latency, Vec<f64>, Vec<f64>)> {
+    let brokers = Brokers::start(kind, PARTITIONS)?;
+    let kafka = brokers.kafka_args();
     let producer: Sender = kafka.producer().create()?;
     let subscribers = cli.latency_subscribers.max(1);
     for s in 0..subscribers {
@@ -527,6 +545,16 @@ struct Figures {
     events: u64,
     subscribers: u64,
     max_batch: usize,
+    brokers: Vec<BrokerFigures>,
+    memory: Vec<MemoryPoint>,
+    evaluator_state_mib_per_million_subscribers: f64,
+    peak_rss_mib: f64,
+}
+
+/// Phases 1–3 on one kind of Kafka.
+#[derive(Debug, Serialize)]
+struct BrokerFigures {
+    broker: String,
     baseline_events_per_s: f64,
     evaluator_events_per_s: f64,
     baseline_rounds: Vec<f64>,
@@ -534,24 +562,23 @@ struct Figures {
     evaluator_over_baseline: f64,
     pipeline_events_per_s: f64,
     latency: Latency,
-    memory: Vec<MemoryPoint>,
-    evaluator_state_mib_per_million_subscribers: f64,
-    peak_rss_mib: f64,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    topup_kafka::init_logging();
-    // Phase 1: the raw baseline and the evaluator over the same preloaded events, in
-    // rounds, each on a fresh cluster (the evaluator's changelog must start empty); the
-    // median of each side is reported (the machine is shared and noisy).
+/// Phase 1: the raw baseline and the evaluator over the same preloaded events, in rounds,
+/// each on fresh brokers (the evaluator's changelog must start empty), medians reported (the
+/// machine is shared and noisy); phase 2: the whole pipeline; phase 3: latency at a steady
+/// rate. Also returns the latency samples for the chart.
+async fn on_brokers(
+    cli: &Cli,
+    kind: BrokerKind,
+) -> anyhow::Result<(BrokerFigures, Vec<f64>, Vec<f64>)> {
+    let name = format!("{kind:?}").to_lowercase();
     let (mut baselines, mut evaluators) = (Vec::new(), Vec::new());
     for round in 0..cli.rounds.max(1) {
-        let embedded = EmbeddedKafka::start(PARTITIONS)?;
-        embedded.cluster().create_topic(SINK, PARTITIONS, 3)?;
-        let kafka = embedded.kafka_args();
-        preload(&kafka, &cli)?;
+        let brokers = Brokers::start(kind, PARTITIONS)?;
+        brokers.create_topic(SINK, PARTITIONS)?;
+        let kafka = brokers.kafka_args();
+        preload(&kafka, cli)?;
         let stop = CancellationToken::new();
         tokio::spawn(run_pipeline(
             spec(&kafka, "bench-baseline", cli.max_batch),
@@ -577,27 +604,56 @@ async fn main() -> anyhow::Result<()> {
         evaluators.push(cli.events as f64 / seconds.max(1e-3));
         stop.cancel();
         eprintln!(
-            "round {round}: baseline {:.0}/s, evaluator {:.0}/s",
+            "{name} round {round}: baseline {:.0}/s, evaluator {:.0}/s",
             baselines[round], evaluators[round]
         );
-        drop(embedded);
     }
     let baseline = median(&mut baselines.clone());
     let evaluator = median(&mut evaluators.clone());
 
-    // Phase 2: the whole pipeline on a fresh cluster.
-    let embedded = EmbeddedKafka::start(PARTITIONS)?;
-    let kafka = embedded.kafka_args();
-    preload(&kafka, &cli)?;
+    let brokers = Brokers::start(kind, PARTITIONS)?;
+    let kafka = brokers.kafka_args();
+    preload(&kafka, cli)?;
     let stop = CancellationToken::new();
     start_all(&kafka, cli.max_batch, &stop);
     let seconds = until_caught_up(pipeline_lags(&kafka)?).await?;
     let pipeline = cli.events as f64 / seconds.max(1e-3);
     stop.cancel();
-    drop(embedded);
+    drop(brokers);
 
-    // Phase 3: latency at a steady rate, fresh cluster.
-    let (latency, to_command, to_result) = latency(&cli).await?;
+    let (latency, to_command, to_result) = latency(cli, kind).await?;
+    let figures = BrokerFigures {
+        broker: name,
+        baseline_events_per_s: baseline,
+        evaluator_events_per_s: evaluator,
+        baseline_rounds: baselines,
+        evaluator_rounds: evaluators,
+        evaluator_over_baseline: evaluator / baseline.max(1.0),
+        pipeline_events_per_s: pipeline,
+        latency,
+    };
+    Ok((figures, to_command, to_result))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    topup_kafka::init_logging();
+    // Apache Kafka with its full JIT (scripts/kafka's default, C1 only, starts tests faster
+    // but serves load more slowly), unless told otherwise.
+    if std::env::var_os("TOPUP_KAFKA_JVM_OPTS").is_none() {
+        std::env::set_var("TOPUP_KAFKA_JVM_OPTS", "");
+    }
+    // Phases 1–3 on each broker kind, side by side.
+    let mut by_broker = Vec::new();
+    let mut charted = None;
+    for kind in cli.brokers.clone() {
+        let (figures, to_command, to_result) = on_brokers(&cli, kind).await?;
+        if charted.is_none() || kind != BrokerKind::Mock {
+            charted = Some((to_command, to_result));
+        }
+        by_broker.push(figures);
+    }
     let peak = peak_rss_mib();
 
     // Phase 4, last: it makes the process large.
@@ -609,13 +665,7 @@ async fn main() -> anyhow::Result<()> {
         events: cli.events,
         subscribers: cli.subscribers,
         max_batch: cli.max_batch,
-        baseline_events_per_s: baseline,
-        evaluator_events_per_s: evaluator,
-        baseline_rounds: baselines,
-        evaluator_rounds: evaluators,
-        evaluator_over_baseline: evaluator / baseline.max(1.0),
-        pipeline_events_per_s: pipeline,
-        latency,
+        brokers: by_broker,
         memory,
         evaluator_state_mib_per_million_subscribers: per_million,
         peak_rss_mib: peak,
@@ -624,6 +674,7 @@ async fn main() -> anyhow::Result<()> {
     let json = cli.out.join("topup-bench.json");
     std::fs::write(&json, serde_json::to_string_pretty(&figures)?)?;
     let svg = cli.out.join("latency.svg");
+    let (to_command, to_result) = charted.unwrap_or_default();
     chart(&svg, &to_command, &to_result, cli.rate)?;
 
     let f = &figures;
@@ -631,36 +682,37 @@ async fn main() -> anyhow::Result<()> {
         "\n{} balance events, {} subscribers, batches of {}:\n",
         f.events, f.subscribers, f.max_batch
     );
-    println!("| pipeline | balance events/s |");
-    println!("|---|---:|");
+    let header: Vec<String> = f.brokers.iter().map(|b| b.broker.clone()).collect();
+    println!("| balance events/s | {} |", header.join(" | "));
+    println!("|---|{}", "---:|".repeat(header.len()));
+    let row = |name: &str, value: &dyn Fn(&BrokerFigures) -> String| {
+        let cells: Vec<String> = f.brokers.iter().map(value).collect();
+        println!("| {name} | {} |", cells.join(" | "));
+    };
+    row("raw baseline (consume → transactional produce), median", &|b| {
+        format!("{:.0}", b.baseline_events_per_s)
+    });
+    row("evaluator alone, median", &|b| format!("{:.0}", b.evaluator_events_per_s));
+    row("**evaluator / baseline**", &|b| format!("**{:.2}**", b.evaluator_over_baseline));
+    row("whole pipeline (evaluator + payment worker + notifier)", &|b| {
+        format!("{:.0}", b.pipeline_events_per_s)
+    });
+    row("rounds (baseline / evaluator)", &|b| {
+        let r = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+        format!("{} / {}", r(&b.baseline_rounds), r(&b.evaluator_rounds))
+    });
     println!(
-        "| raw baseline (consume → transactional produce), median of {} rounds | {:.0} |",
-        f.baseline_rounds.len(),
-        f.baseline_events_per_s
+        "\nlatency at a steady {} events/s for {} s, from observed_at (ms, p50 / p95 / p99 / max):\n",
+        cli.rate, cli.latency_secs
     );
-    println!(
-        "| evaluator alone, median of {} rounds | {:.0} |",
-        f.evaluator_rounds.len(),
-        f.evaluator_events_per_s
-    );
-    println!("| evaluator / baseline | {:.2} |", f.evaluator_over_baseline);
-    println!(
-        "| whole pipeline (evaluator + payment worker + notifier) | {:.0} |",
-        f.pipeline_events_per_s
-    );
-    let l = &f.latency;
-    println!(
-        "\nlatency at a steady {} events/s for {} s (achieved {:.0}/s), from observed_at:\n",
-        l.rate_per_s, l.seconds, l.achieved_rate_per_s
-    );
-    println!("| to | count | p50 ms | p95 ms | p99 ms | max ms |");
-    println!("|---|---:|---:|---:|---:|---:|");
-    for (name, p) in [("TopUpCommand", &l.to_command), ("TopUpResult", &l.to_result)] {
-        println!(
-            "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
-            p.count, p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms
-        );
-    }
+    println!("| to | {} |", header.join(" | "));
+    println!("|---|{}", "---:|".repeat(header.len()));
+    let p = |p: &Percentiles| {
+        format!("{:.1} / {:.1} / **{:.1}** / {:.1}", p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms)
+    };
+    row("TopUpCommand", &|b| p(&b.latency.to_command));
+    row("TopUpResult", &|b| p(&b.latency.to_result));
+    row("achieved rate /s", &|b| format!("{:.0}", b.latency.achieved_rate_per_s));
     println!("\nevaluator state in memory (one map, growing):\n");
     println!("| subscribers | process resident MiB | bytes per added subscriber |");
     println!("|---:|---:|---:|");
