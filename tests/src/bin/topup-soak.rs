@@ -109,7 +109,9 @@ async fn post_mortem(platform: &Platform, missing: &[&str]) -> anyhow::Result<()
                     topup_kafka::read_partition_to_end(&kafka, topic, partition, Duration::from_secs(60))?;
                 for r in records {
                     let key = String::from_utf8_lossy(r.key.as_deref().unwrap_or_default()).to_string();
-                    if !wanted.iter().any(|w| key.ends_with(w.as_str())) {
+                    // The subscriber's own key, and the evaluator's "<id> rule" key.
+                    let subscriber = key.strip_suffix(" rule").unwrap_or(&key);
+                    if !wanted.iter().any(|w| subscriber == w.as_str()) {
                         continue;
                     }
                     let payload = r.payload.as_deref().unwrap_or_default();
@@ -117,6 +119,9 @@ async fn post_mortem(platform: &Platform, missing: &[&str]) -> anyhow::Result<()
                         topics::BALANCE => topup_proto::v1::BalanceUpdated::decode(payload)
                             .map(|b| format!("seq {} amount {:?}", b.sequence, b.balance.map(|m| m.amount_minor)))
                             .unwrap_or_else(|e| e.to_string()),
+                        topics::EVALUATOR_STATE if key.ends_with(" rule") => {
+                            format!("rule record, {} bytes", payload.len())
+                        }
                         topics::EVALUATOR_STATE => SubscriberState::decode(payload)
                             .map(|s| format!(
                                 "balance seq {} armed {} in_flight {:?} awaiting_credit {} issued {}",
