@@ -268,6 +268,38 @@ impl Platform {
         }
     }
 
+    /// Waits until consumer group `group` is stable with `members` members, each with an
+    /// assignment: a rebalance after instances joined or left has finished.
+    pub async fn wait_group_members(&self, group: &str, members: usize) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut every = tokio::time::interval(Duration::from_millis(200));
+        loop {
+            every.tick().await;
+            let (kafka, g) = (self.kafka.clone(), group.to_string());
+            let seen = tokio::task::spawn_blocking(move || -> anyhow::Result<(String, usize)> {
+                let client: rdkafka::consumer::BaseConsumer = kafka.reader().create()?;
+                let groups = client.fetch_group_list(Some(&g), Duration::from_secs(5))?;
+                let Some(info) = groups.groups().first() else { return Ok((String::new(), 0)) };
+                let assigned =
+                    info.members().iter().filter(|m| m.assignment().is_some_and(|a| !a.is_empty()));
+                Ok((info.state().to_string(), assigned.count()))
+            })
+            .await?;
+            match seen {
+                Ok((state, n)) if state == "Stable" && n == members => return Ok(()),
+                Ok(seen) if tokio::time::Instant::now() > deadline => {
+                    bail!(
+                        "group {group} not stable with {members} members after {WAIT:?}: {seen:?}"
+                    )
+                }
+                Err(e) if tokio::time::Instant::now() > deadline => {
+                    bail!("group {group} could not be described after {WAIT:?}: {e:#}")
+                }
+                _ => {}
+            }
+        }
+    }
+
     /// A reader of `topic` from the beginning, committed records only.
     pub fn reader<T: topup_proto::Message + Default>(
         &self,

@@ -1,5 +1,7 @@
 //! Faults during a stream of thousands of balance events: partition leaders taken down and
-//! brought back, and every service killed with SIGKILL at random points and restarted. The
+//! brought back, the group and transaction coordinators killed, a broker unreachable for
+//! longer than the transaction timeout, evaluators scaled 1 → 3 → 1, and every service
+//! killed with SIGKILL at random points and restarted. The
 //! ledger at the end — commands per subscriber, results per command, charges per
 //! idempotency key at the gateway — shows exactly one top-up (one command id) and exactly
 //! one charge per needed top-up, none missing.
@@ -134,6 +136,59 @@ async fn assert_ledger(
     Ok(())
 }
 
+/// Publishes `events` in the background; the receiver counts how many are published, so
+/// that faults start at points of the stream, not at times.
+fn publish_in_background(
+    platform: &Platform,
+    events: Vec<(String, i64, u64)>,
+) -> (tokio::task::JoinHandle<anyhow::Result<()>>, tokio::sync::watch::Receiver<usize>) {
+    let kafka: KafkaArgs = platform.kafka.clone();
+    let (published, progress) = tokio::sync::watch::channel(0usize);
+    let publisher = tokio::spawn(async move {
+        let producer: FutureProducer = kafka.producer().create()?;
+        for (n, (s, amount, sequence)) in events.into_iter().enumerate() {
+            publish(&producer, &s, amount, sequence).await?;
+            published.send_replace(n + 1);
+        }
+        anyhow::Ok(())
+    });
+    (publisher, progress)
+}
+
+async fn published(
+    progress: &mut tokio::sync::watch::Receiver<usize>,
+    point: usize,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(WAIT, progress.wait_for(|n| *n >= point))
+        .await
+        .context("the publisher stalled")??;
+    Ok(())
+}
+
+async fn finish_publishing(
+    publisher: tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(120), publisher)
+        .await
+        .context("publisher stuck")???;
+    Ok(())
+}
+
+/// The evaluator's transactional id in the tests that look up its coordinator.
+const EVALUATOR_ID: &str = "topup-evaluator-test";
+
+/// The three services in this process, the evaluator under [`EVALUATOR_ID`].
+fn start_services(platform: &mut Platform) {
+    let mut evaluator = topup_evaluator::Config::new(platform.kafka.clone());
+    evaluator.transactional_id = Some(EVALUATOR_ID.into());
+    platform.start_evaluator_with(evaluator);
+    let payment = topup_payment_worker::Config::new(platform.kafka.clone());
+    let sandbox = platform.gateway.clone();
+    platform.start_payment_worker(payment, sandbox);
+    let notifier = platform.notifier_config();
+    platform.start_notifier(notifier, topup_notifier::Channels::console());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partition_leaders_down_and_back_during_a_stream_lose_and_duplicate_no_top_up(
 ) -> anyhow::Result<()> {
@@ -144,34 +199,128 @@ async fn partition_leaders_down_and_back_during_a_stream_lose_and_duplicate_no_t
     }
     let events = stream(&subs);
     let total = events.len();
-    let kafka: KafkaArgs = platform.kafka.clone();
-    // The publisher reports how many events it has published; outages start at points of
-    // the stream, not at times.
-    let (published, mut progress) = tokio::sync::watch::channel(0usize);
-    let publisher = tokio::spawn(async move {
-        let producer: FutureProducer = kafka.producer().create()?;
-        for (n, (s, amount, sequence)) in events.into_iter().enumerate() {
-            publish(&producer, &s, amount, sequence).await?;
-            published.send_replace(n + 1);
-        }
-        anyhow::Ok(())
-    });
+    let (publisher, mut progress) = publish_in_background(&platform, events);
     // Each broker in turn leads some partitions of every topic (and coordinates some
     // groups and transactions): take it down during the stream — after a quarter, a half,
     // three quarters of it — and bring it back. The sleep sets how long an outage lasts;
     // nothing waits on it for a result.
     for broker in 1..=3 {
-        let point = total * broker as usize / 4;
-        tokio::time::timeout(WAIT, progress.wait_for(|n| *n >= point))
-            .await
-            .context("the publisher stalled")??;
+        published(&mut progress, total * broker as usize / 4).await?;
         platform.kafka_cluster.broker_down(broker)?;
         tokio::time::sleep(Duration::from_secs(2)).await;
         platform.kafka_cluster.broker_up(broker)?;
     }
-    tokio::time::timeout(Duration::from_secs(120), publisher)
-        .await
-        .context("publisher stuck")???;
+    finish_publishing(publisher).await?;
+    wait_all_caught_up(&platform).await?;
+    assert_ledger(&platform, &subs, &platform.gateway.charges_by_command()).await?;
+    platform.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_group_and_the_transaction_coordinator_killed_during_a_stream_lose_and_duplicate_no_top_up(
+) -> anyhow::Result<()> {
+    let mut platform = Platform::three_brokers()?;
+    start_services(&mut platform);
+    let subs = subscribers(300);
+    for s in &subs {
+        platform.publish_rule(rule(s, "tok_ok", RuleState::Active)).await?;
+    }
+    let events = stream(&subs);
+    let total = events.len();
+    let (publisher, mut progress) = publish_in_background(&platform, events);
+    // A third into the stream the broker coordinating the evaluator's group is killed
+    // (SIGKILL) and restarted; at two thirds the one coordinating its transactions (looked
+    // up then: coordinators move when a broker goes). The sleep sets how long each outage
+    // lasts.
+    published(&mut progress, total / 3).await?;
+    let group = platform.kafka_cluster.group_coordinator("topup-evaluator")?;
+    platform.kafka_cluster.broker_down(group)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    platform.kafka_cluster.broker_up(group)?;
+    published(&mut progress, total * 2 / 3).await?;
+    let transactions = platform.kafka_cluster.transaction_coordinator(EVALUATOR_ID)?;
+    platform.kafka_cluster.broker_down(transactions)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    platform.kafka_cluster.broker_up(transactions)?;
+    println!(
+        "killed broker {group} (group coordinator), then broker {transactions} (transactions)"
+    );
+    finish_publishing(publisher).await?;
+    wait_all_caught_up(&platform).await?;
+    assert_ledger(&platform, &subs, &platform.gateway.charges_by_command()).await?;
+    platform.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_unreachable_for_longer_than_the_transaction_timeout_loses_and_duplicates_no_top_up(
+) -> anyhow::Result<()> {
+    let mut platform = Platform::three_brokers()?;
+    start_services(&mut platform);
+    let subs = subscribers(300);
+    for s in &subs {
+        platform.publish_rule(rule(s, "tok_ok", RuleState::Active)).await?;
+    }
+    let events = stream(&subs);
+    let total = events.len();
+    let (publisher, mut progress) = publish_in_background(&platform, events);
+    // The broker coordinating the evaluator's transactions stops answering (SIGSTOP: its
+    // connections stay open, nothing comes back) for longer than the transaction timeout:
+    // the controller fences it, another broker takes its partitions and aborts the
+    // evaluator's open transaction, whose producer is fenced; then it answers again.
+    published(&mut progress, total / 3).await?;
+    let paused = platform.kafka_cluster.transaction_coordinator(EVALUATOR_ID)?;
+    platform.kafka_cluster.broker_pause(paused)?;
+    let outage = Duration::from_millis(u64::from(platform.kafka.transaction_timeout_ms))
+        + Duration::from_secs(4);
+    tokio::time::sleep(outage).await;
+    platform.kafka_cluster.broker_resume(paused)?;
+    println!("broker {paused} unreachable for {outage:?}");
+    finish_publishing(publisher).await?;
+    wait_all_caught_up(&platform).await?;
+    assert_ledger(&platform, &subs, &platform.gateway.charges_by_command()).await?;
+    platform.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn evaluators_scaled_from_one_to_three_and_back_during_a_stream_lose_and_duplicate_no_top_up(
+) -> anyhow::Result<()> {
+    let mut platform = Platform::cluster()?;
+    start_services(&mut platform);
+    let subs = subscribers(600);
+    for s in &subs {
+        platform.publish_rule(rule(s, "tok_ok", RuleState::Active)).await?;
+    }
+    let events = stream(&subs);
+    let third = events.len() / 3;
+    let mut events = events.into_iter();
+    let mut publish_next = |n: usize| {
+        let part: Vec<_> = events.by_ref().take(n).collect();
+        let platform = &platform;
+        async move {
+            for (s, amount, sequence) in part {
+                platform.publish_balance(&s, amount, sequence).await?;
+            }
+            anyhow::Ok(())
+        }
+    };
+    // A third of the stream on one evaluator, the next third with two more (the group's
+    // partitions spread over three, each taking a state it restores), the last third on
+    // the first one again after the other two stopped (SIGTERM-like: their shutdown token).
+    publish_next(third).await?;
+    let added = platform.shutdown.child_token();
+    let mut extra = Vec::new();
+    for _ in 0..2 {
+        let config = topup_evaluator::Config::new(platform.kafka.clone());
+        extra.push(tokio::spawn(topup_evaluator::run(config, added.clone())));
+    }
+    platform.wait_group_members("topup-evaluator", 3).await?;
+    publish_next(third).await?;
+    added.cancel();
+    for evaluator in extra {
+        tokio::time::timeout(WAIT, evaluator).await.context("an evaluator did not stop")???;
+    }
+    platform.wait_group_members("topup-evaluator", 1).await?;
+    publish_next(usize::MAX).await?;
     wait_all_caught_up(&platform).await?;
     assert_ledger(&platform, &subs, &platform.gateway.charges_by_command()).await?;
     platform.stop().await

@@ -23,6 +23,13 @@ pub struct KafkaArgs {
     #[arg(long, env = "KAFKA_TRANSACTION_TIMEOUT_MS", default_value_t = 10_000)]
     pub transaction_timeout_ms: u32,
 
+    /// Longest wait, after a batch's first record, for more records before its transaction
+    /// commits (up to the batch size). 0 commits what is buffered at once: the lowest
+    /// latency; a few milliseconds more make fewer, larger transactions under load
+    /// (docs/benchmarks.md has the trade measured).
+    #[arg(long, env = "KAFKA_COMMIT_INTERVAL_MS", default_value_t = 0)]
+    pub commit_interval_ms: u64,
+
     /// Extra librdkafka properties (`key=value`, comma-separated), e.g.
     /// `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`.
     #[arg(
@@ -40,6 +47,14 @@ pub struct KafkaArgs {
     /// the record that issued it is read again). Never needed on Apache Kafka.
     #[arg(long = "kafka-mock-cluster", env = "KAFKA_MOCK_CLUSTER")]
     pub mock_cluster: bool,
+
+    /// Static group membership: each pipeline's consumer joins as `group.instance.id` =
+    /// its transactional id. Use it with a stable instance id (a StatefulSet's pod name in
+    /// `*_TRANSACTIONAL_ID`): an instance restarted within the session timeout gets its
+    /// partitions back without a rebalance. A member that stops for good (scale-down) keeps
+    /// its partitions until the session timeout, since static members do not leave the group.
+    #[arg(long = "kafka-static-membership", env = "KAFKA_STATIC_MEMBERSHIP")]
+    pub static_membership: bool,
 }
 
 impl KafkaArgs {
@@ -49,8 +64,10 @@ impl KafkaArgs {
             brokers: brokers.into(),
             session_timeout_ms: 10_000,
             transaction_timeout_ms: 10_000,
+            commit_interval_ms: 0,
             properties: Vec::new(),
             mock_cluster: false,
+            static_membership: false,
         }
     }
 
@@ -88,6 +105,16 @@ impl KafkaArgs {
             .set("statistics.interval.ms", "10000")
             .set("session.timeout.ms", self.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", (self.session_timeout_ms / 5).max(100).to_string());
+        config
+    }
+
+    /// The consumer of a pipeline whose transactional id is `instance`: a group consumer,
+    /// a static member named `instance` under [`KafkaArgs::static_membership`].
+    pub fn pipeline_consumer(&self, group_id: &str, instance: &str) -> ClientConfig {
+        let mut config = self.group_consumer(group_id);
+        if self.static_membership {
+            config.set("group.instance.id", instance);
+        }
         config
     }
 

@@ -109,7 +109,10 @@ pub struct PipelineSpec {
     pub service: &'static str,
     /// Consumer group.
     pub group_id: String,
-    /// Transactional id prefix; each incarnation appends a counter.
+    /// Transactional id, the same for every incarnation of this instance: a new producer
+    /// fences the one before it (in this process, or a killed process's when the id is
+    /// stable across restarts) and aborts its open transaction at once. Unique among live
+    /// instances; also the consumer's `group.instance.id` under static membership.
     pub transactional_id: String,
     /// Topics consumed (co-partitioned when more than one).
     pub inputs: Vec<&'static str>,
@@ -278,7 +281,14 @@ impl Txn {
                 let _ = answer.send(f(&producer, timeout));
             }))
             .map_err(|_| given_up())?;
-        match tokio::time::timeout(limit, answered).await {
+        let asked = std::time::Instant::now();
+        let answer = tokio::time::timeout(limit, answered).await;
+        tracing::trace!(
+            call = what,
+            ms = asked.elapsed().as_secs_f64() * 1e3,
+            "transactional call"
+        );
+        match answer {
             Ok(Ok(result)) => Ok(result?),
             // Too slow, or the thread is gone (a call before this one panicked).
             Ok(Err(_)) | Err(_) => Err(given_up()),
@@ -329,16 +339,13 @@ async fn run_incarnation<P: Processor>(
 ) -> Result<()> {
     // Ready again once partitions are assigned and restored (see `apply_rebalances`).
     crate::ops::health().set_ready(&spec.group_id, false);
+    tracing::debug!(service = spec.service, incarnation, "pipeline incarnation starting");
     let consumer: StreamConsumer<RebalanceLog> = spec
         .kafka
-        .group_consumer(&spec.group_id)
+        .pipeline_consumer(&spec.group_id, &spec.transactional_id)
         .create_with_context(RebalanceLog { service: spec.service, ..RebalanceLog::default() })?;
-    let txn = Txn::new(
-        spec.kafka
-            .transactional_producer(&format!("{}-{incarnation}", spec.transactional_id))
-            .create()?,
-        &spec.kafka,
-    )?;
+    let txn =
+        Txn::new(spec.kafka.transactional_producer(&spec.transactional_id).create()?, &spec.kafka)?;
     let clients = Clients(Some((consumer, txn)));
     let served = match &clients.0 {
         Some((consumer, txn)) => serve(spec, consumer, txn, &mut processor, shutdown).await,
@@ -430,12 +437,21 @@ async fn serve<P: Processor>(
                 continue;
             }
         };
-        // Take what is already buffered, without waiting, up to the batch size.
+        // Take what is already buffered, up to the batch size; under a commit interval,
+        // wait that long after the first record for more.
+        let linger_until =
+            tokio::time::Instant::now() + Duration::from_millis(spec.kafka.commit_interval_ms);
         while batch.len() < spec.max_batch {
             if consumer.context().pending() {
                 break;
             }
-            match consumer.recv().now_or_never() {
+            let next = match consumer.recv().now_or_never() {
+                None if tokio::time::Instant::now() < linger_until => {
+                    tokio::time::timeout_at(linger_until, consumer.recv()).await.ok()
+                }
+                next => next,
+            };
+            match next {
                 Some(Ok(message)) => batch.push(Input::from_message(&message)),
                 Some(Err(error)) => {
                     tracing::warn!(service = spec.service, %error, "consumer error");

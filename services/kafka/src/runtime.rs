@@ -1,4 +1,6 @@
 //! Process plumbing every binary shares: logging and the shutdown signal.
+use std::collections::BTreeMap;
+
 use tokio_util::sync::CancellationToken;
 
 /// Log lines on stderr: readable on a terminal — one line per thing that happened, time
@@ -61,10 +63,24 @@ pub fn shutdown_on_signal() -> CancellationToken {
     token
 }
 
-/// A transactional id prefix unique to this process: `<service>-<host>-<pid>`.
+/// A transactional id unique to this instance: `<service>-<host>-<pid>`, and `-<n>` after
+/// it for the second and later instances of `service` in one process (tests, the embedded
+/// demo). New with every process: a restarted instance does not fence its predecessor (its
+/// open transaction is aborted after the transaction timeout); give it a stable id
+/// (`*_TRANSACTIONAL_ID`) for that (docs/kafka.md, "Instance identity").
 pub fn instance_id(service: &str) -> String {
+    static STARTED: std::sync::Mutex<BTreeMap<String, u32>> =
+        std::sync::Mutex::new(BTreeMap::new());
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
-    format!("{service}-{host}-{}", std::process::id())
+    let n = STARTED.lock().map_or(0, |mut started| {
+        let n = started.entry(service.to_string()).or_default();
+        *n += 1;
+        *n - 1
+    });
+    match n {
+        0 => format!("{service}-{host}-{}", std::process::id()),
+        n => format!("{service}-{host}-{}-{n}", std::process::id()),
+    }
 }
 
 /// What every service binary does before its work: logging, OpenTelemetry export when

@@ -90,6 +90,45 @@ impl Brokers {
         }
     }
 
+    /// Makes broker `id` unreachable without closing its connections: SIGSTOP of its JVM
+    /// (it answers nothing until [`Brokers::broker_resume`]); down, on the mock cluster.
+    pub fn broker_pause(&self, id: i32) -> anyhow::Result<()> {
+        match self {
+            Self::Apache(kafka) => kafka.signal(id, "-STOP"),
+            Self::Mock(mock) => Ok(mock.cluster().broker_down(id)?),
+        }
+    }
+
+    /// Lets a paused broker go on (SIGCONT).
+    pub fn broker_resume(&self, id: i32) -> anyhow::Result<()> {
+        match self {
+            Self::Apache(kafka) => kafka.signal(id, "-CONT"),
+            Self::Mock(mock) => Ok(mock.cluster().broker_up(id)?),
+        }
+    }
+
+    /// The broker that coordinates consumer group `group` now: the leader of its partition
+    /// of `__consumer_offsets`.
+    /// (On the mock cluster, broker 1: its coordinators are not looked up.)
+    pub fn group_coordinator(&self, group: &str) -> anyhow::Result<i32> {
+        match self {
+            Self::Apache(kafka) => coordinator(&kafka.kafka_args(), "__consumer_offsets", group),
+            Self::Mock(_) => Ok(1),
+        }
+    }
+
+    /// The broker that coordinates the transactions of `transactional_id` now: the leader of
+    /// its partition of `__transaction_state`.
+    /// (On the mock cluster, broker 2.)
+    pub fn transaction_coordinator(&self, transactional_id: &str) -> anyhow::Result<i32> {
+        match self {
+            Self::Apache(kafka) => {
+                coordinator(&kafka.kafka_args(), "__transaction_state", transactional_id)
+            }
+            Self::Mock(_) => Ok(2),
+        }
+    }
+
     /// Brings broker `id` back (the same node, its data kept).
     pub fn broker_up(&self, id: i32) -> anyhow::Result<()> {
         match self {
@@ -157,6 +196,16 @@ impl ApacheKafka {
         })
     }
 
+    /// Sends `signal` (`-STOP`, `-CONT`) to node `id`'s JVM.
+    fn signal(&self, id: i32, signal: &str) -> anyhow::Result<()> {
+        let pid_file = self.dir.join(format!("node-{id}.pid"));
+        let pid = std::fs::read_to_string(&pid_file)
+            .with_context(|| format!("reading {}", pid_file.display()))?;
+        let status = Command::new("kill").arg(signal).arg(pid.trim()).status()?;
+        anyhow::ensure!(status.success(), "kill {signal} {} failed: {status}", pid.trim());
+        Ok(())
+    }
+
     fn script(&self, args: &[&str]) -> anyhow::Result<()> {
         let output = Command::new(script())
             .args(args)
@@ -174,6 +223,30 @@ impl ApacheKafka {
         }
         Ok(())
     }
+}
+
+/// The leader of the partition of coordinator topic `topic` that `key` maps to: Kafka's
+/// `Utils.abs(key.hashCode()) % partitions` (GroupCoordinatorService and
+/// TransactionStateManager `partitionFor`), with Java's `String.hashCode`.
+fn coordinator(kafka: &KafkaArgs, topic: &str, key: &str) -> anyhow::Result<i32> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let java_hash =
+        key.encode_utf16().fold(0i32, |h, unit| h.wrapping_mul(31).wrapping_add(i32::from(unit)));
+    let consumer: BaseConsumer = kafka.reader().create()?;
+    let metadata = consumer.fetch_metadata(Some(topic), std::time::Duration::from_secs(10))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .map(|t| t.partitions())
+        .filter(|p| !p.is_empty())
+        .with_context(|| format!("{topic} has no partitions yet"))?;
+    let index = if java_hash == i32::MIN { 0 } else { java_hash.abs() } as usize % partitions.len();
+    let partition = partitions
+        .iter()
+        .find(|p| p.id() as usize == index)
+        .with_context(|| format!("{topic}/{index} not in the metadata"))?;
+    anyhow::ensure!(partition.leader() >= 0, "{topic}/{index} has no leader");
+    Ok(partition.leader())
 }
 
 /// Waits until every partition of every topic answers an offset query (has a leader): a

@@ -10,7 +10,14 @@
 //!    discarded), until every group has committed everything.
 //! 3. **Latency at a steady rate**: balance events produced at `--rate` per second with
 //!    `observed_at` = now; latency to the `TopUpCommand` and to the `TopUpResult`.
-//! 4. **Memory per subscriber**: the evaluator's state for growing numbers of subscribers.
+//! 4. **Recovery after a SIGKILL** (Apache Kafka only): an evaluator process killed in the
+//!    middle of a stream and started again at once, with a new transactional id (a
+//!    Deployment's new pod), the same one (a StatefulSet's pod), and the same one with static
+//!    group membership; seconds from the kill until a command for a balance event published
+//!    after it is visible to a read_committed reader.
+//! 5. **Commit interval** (`--commit-intervals`, Apache Kafka only): the evaluator's
+//!    throughput and the latency phase again for each interval.
+//! 6. **Memory per subscriber**: the evaluator's state for growing numbers of subscribers.
 //!
 //! Prints the figures, writes them as JSON and the latency distribution as an SVG chart.
 //!
@@ -19,6 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use clap::Parser;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message as _;
@@ -59,9 +67,12 @@ struct Cli {
     /// Balance events per second in the latency phase.
     #[arg(long, default_value_t = 2_000)]
     rate: u64,
-    /// Length of the latency phase, in seconds.
+    /// Length of the latency phase's measured stream, in seconds.
     #[arg(long, default_value_t = 15)]
     latency_secs: u64,
+    /// Seconds of the latency phase's stream before it is measured.
+    #[arg(long, default_value_t = 15)]
+    warmup_secs: u64,
     /// Subscribers in the latency phase (each with an active rule).
     #[arg(long, default_value_t = 2_000)]
     latency_subscribers: u64,
@@ -69,9 +80,35 @@ struct Cli {
     /// apache3 (a controller and three brokers), started by scripts/kafka.
     #[arg(long, value_delimiter = ',', default_value = "mock,apache")]
     brokers: Vec<BrokerKind>,
+    /// Phases to run.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "throughput,latency,recovery,commit-interval,memory"
+    )]
+    phases: Vec<Phase>,
+    /// Every how many of a subscriber's balance events in the latency phase drops below
+    /// its threshold (2: every other one).
+    #[arg(long, default_value_t = 2)]
+    drop_every: u64,
+    /// Rounds of each recovery variant; medians are reported.
+    #[arg(long, default_value_t = 2)]
+    recovery_rounds: usize,
+    /// Commit intervals (ms) compared in the commit-interval phase.
+    #[arg(long, value_delimiter = ',', default_value = "0,5,20,100")]
+    commit_intervals: Vec<u64>,
     /// Where the JSON figures and the chart go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Phase {
+    Throughput,
+    Latency,
+    Recovery,
+    CommitInterval,
+    Memory,
 }
 
 /// The baseline's processor: forwards every record, decides nothing.
@@ -341,9 +378,13 @@ struct Latency {
 }
 
 /// Phase 3: a steady stream; every other event of a subscriber drops below its threshold.
-async fn latency(cli: &Cli, kind: BrokerKind) -> anyhow::Result<(Latency, Vec<f64>, Vec<f64>)> {
+async fn latency(
+    cli: &Cli,
+    kind: BrokerKind,
+    commit_interval_ms: u64,
+) -> anyhow::Result<(Latency, Vec<f64>, Vec<f64>)> {
     let brokers = Brokers::start(kind, PARTITIONS)?;
-    let kafka = brokers.kafka_args();
+    let kafka = KafkaArgs { commit_interval_ms, ..brokers.kafka_args() };
     let producer: Sender = kafka.producer().create()?;
     let subscribers = cli.latency_subscribers.max(1);
     for s in 0..subscribers {
@@ -377,6 +418,9 @@ async fn latency(cli: &Cli, kind: BrokerKind) -> anyhow::Result<(Latency, Vec<f6
         }
         Ok(consumer)
     };
+    // Only what was observed after the warm-up counts (the broker's JIT and the services'
+    // first transactions are slow for the first seconds).
+    let measured_from = std::time::SystemTime::now() + Duration::from_secs(cli.warmup_secs);
     let collect = |consumer: BaseConsumer, to_command: bool, done: CancellationToken| {
         tokio::task::spawn_blocking(move || {
             let mut samples = Vec::new();
@@ -388,7 +432,9 @@ async fn latency(cli: &Cli, kind: BrokerKind) -> anyhow::Result<(Latency, Vec<f6
                 } else {
                     TopUpResult::decode(payload).ok().and_then(|r| r.observed_at)
                 };
-                if let Some(ms) = ms_since(observed.as_ref()) {
+                let after_warmup =
+                    observed.as_ref().is_some_and(|o| topup_kafka::system_time(o) >= measured_from);
+                if let (true, Some(ms)) = (after_warmup, ms_since(observed.as_ref())) {
                     samples.push(ms);
                 }
             }
@@ -400,7 +446,7 @@ async fn latency(cli: &Cli, kind: BrokerKind) -> anyhow::Result<(Latency, Vec<f6
     let results = collect(reader(topics::RESULTS)?, false, done.clone());
 
     // Produce at the rate, in 10 ms slices.
-    let total = cli.rate * cli.latency_secs;
+    let total = cli.rate * (cli.warmup_secs + cli.latency_secs);
     let started = Instant::now();
     let mut sent = 0u64;
     let mut slice = tokio::time::interval(Duration::from_millis(10));
@@ -410,7 +456,11 @@ async fn latency(cli: &Cli, kind: BrokerKind) -> anyhow::Result<(Latency, Vec<f6
         while sent < due {
             let id = subscriber(sent % subscribers);
             let sequence = sent / subscribers + 1;
-            let amount = if sequence % 2 == 1 { 500 } else { 1500 };
+            let amount = if sequence % cli.drop_every.max(1) == 1 % cli.drop_every.max(1) {
+                500
+            } else {
+                1500
+            };
             send(&producer, topics::BALANCE, &id, &balance(&id, amount, sequence))?;
             sent += 1;
         }
@@ -551,8 +601,8 @@ struct Figures {
     peak_rss_mib: f64,
 }
 
-/// Phases 1–3 on one kind of Kafka.
-#[derive(Debug, Serialize)]
+/// Phases 1–5 on one kind of Kafka.
+#[derive(Debug, Serialize, Default)]
 struct BrokerFigures {
     broker: String,
     baseline_events_per_s: f64,
@@ -562,81 +612,267 @@ struct BrokerFigures {
     evaluator_over_baseline: f64,
     pipeline_events_per_s: f64,
     latency: Latency,
+    recovery: Vec<Recovery>,
+    commit_intervals: Vec<CommitInterval>,
 }
 
-/// Phase 1: the raw baseline and the evaluator over the same preloaded events, in rounds,
-/// each on fresh brokers (the evaluator's changelog must start empty), medians reported (the
-/// machine is shared and noisy); phase 2: the whole pipeline; phase 3: latency at a steady
-/// rate. Also returns the latency samples for the chart.
-async fn on_brokers(
+/// Seconds from a SIGKILL of the evaluator to the first command for a later balance event.
+#[derive(Debug, Serialize)]
+struct Recovery {
+    successor: &'static str,
+    rounds_s: Vec<f64>,
+    median_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct CommitInterval {
+    interval_ms: u64,
+    evaluator_events_per_s: f64,
+    to_command: Percentiles,
+}
+
+/// One round of the baseline (`evaluator` false) or the evaluator over freshly preloaded
+/// events on fresh brokers (the evaluator's changelog must start empty): events per second.
+async fn throughput_round(
     cli: &Cli,
     kind: BrokerKind,
-) -> anyhow::Result<(BrokerFigures, Vec<f64>, Vec<f64>)> {
-    let name = format!("{kind:?}").to_lowercase();
-    let (mut baselines, mut evaluators) = (Vec::new(), Vec::new());
-    for round in 0..cli.rounds.max(1) {
-        let brokers = Brokers::start(kind, PARTITIONS)?;
-        brokers.create_topic(SINK, PARTITIONS)?;
-        let kafka = brokers.kafka_args();
-        preload(&kafka, cli)?;
-        let stop = CancellationToken::new();
+    evaluator: bool,
+    commit_interval_ms: u64,
+) -> anyhow::Result<f64> {
+    let brokers = Brokers::start(kind, PARTITIONS)?;
+    brokers.create_topic(SINK, PARTITIONS)?;
+    let kafka = KafkaArgs { commit_interval_ms, ..brokers.kafka_args() };
+    preload(&kafka, cli)?;
+    let stop = CancellationToken::new();
+    let seconds = if evaluator {
+        let mut config = topup_evaluator::Config::new(kafka.clone());
+        config.group_id = "bench-evaluator".into();
+        config.max_batch = cli.max_batch;
+        tokio::spawn(topup_evaluator::run(config, stop.clone()));
+        until_caught_up(vec![Lag::new(
+            &kafka,
+            "bench-evaluator",
+            &[topics::BALANCE, topics::RULES],
+        )?])
+        .await?
+    } else {
         tokio::spawn(run_pipeline(
             spec(&kafka, "bench-baseline", cli.max_batch),
             || Forward,
             stop.clone(),
         ));
-        let seconds =
-            until_caught_up(vec![Lag::new(&kafka, "bench-baseline", &[topics::BALANCE])?]).await?;
-        baselines.push(cli.events as f64 / seconds.max(1e-3));
-        stop.cancel();
+        until_caught_up(vec![Lag::new(&kafka, "bench-baseline", &[topics::BALANCE])?]).await?
+    };
+    stop.cancel();
+    Ok(cli.events as f64 / seconds.max(1e-3))
+}
 
+/// Phase 1: the raw baseline and the evaluator over the same preloaded events, alternating
+/// rounds, medians reported (the machine is shared and noisy); phase 2: the whole pipeline;
+/// phase 3: latency at a steady rate; phases 4 and 5 on Apache Kafka. Also returns the
+/// latency samples for the chart.
+async fn on_brokers(
+    cli: &Cli,
+    kind: BrokerKind,
+) -> anyhow::Result<(BrokerFigures, Vec<f64>, Vec<f64>)> {
+    let name = format!("{kind:?}").to_lowercase();
+    let mut figures = BrokerFigures { broker: name.clone(), ..BrokerFigures::default() };
+    if cli.phases.contains(&Phase::Throughput) {
+        for round in 0..cli.rounds.max(1) {
+            figures.baseline_rounds.push(throughput_round(cli, kind, false, 0).await?);
+            figures.evaluator_rounds.push(throughput_round(cli, kind, true, 0).await?);
+            eprintln!(
+                "{name} round {round}: baseline {:.0}/s, evaluator {:.0}/s",
+                figures.baseline_rounds[round], figures.evaluator_rounds[round]
+            );
+        }
+        figures.baseline_events_per_s = median(&mut figures.baseline_rounds.clone());
+        figures.evaluator_events_per_s = median(&mut figures.evaluator_rounds.clone());
+        figures.evaluator_over_baseline =
+            figures.evaluator_events_per_s / figures.baseline_events_per_s.max(1.0);
+
+        let brokers = Brokers::start(kind, PARTITIONS)?;
+        let kafka = brokers.kafka_args();
+        preload(&kafka, cli)?;
         let stop = CancellationToken::new();
-        let mut config = topup_evaluator::Config::new(kafka.clone());
-        config.group_id = "bench-evaluator".into();
-        config.max_batch = cli.max_batch;
-        tokio::spawn(topup_evaluator::run(config, stop.clone()));
-        let seconds = until_caught_up(vec![Lag::new(
-            &kafka,
-            "bench-evaluator",
-            &[topics::BALANCE, topics::RULES],
-        )?])
-        .await?;
-        evaluators.push(cli.events as f64 / seconds.max(1e-3));
+        start_all(&kafka, cli.max_batch, &stop);
+        let seconds = until_caught_up(pipeline_lags(&kafka)?).await?;
+        figures.pipeline_events_per_s = cli.events as f64 / seconds.max(1e-3);
         stop.cancel();
-        eprintln!(
-            "{name} round {round}: baseline {:.0}/s, evaluator {:.0}/s",
-            baselines[round], evaluators[round]
-        );
     }
-    let baseline = median(&mut baselines.clone());
-    let evaluator = median(&mut evaluators.clone());
+    let (mut to_command, mut to_result) = (Vec::new(), Vec::new());
+    if cli.phases.contains(&Phase::Latency) {
+        (figures.latency, to_command, to_result) = latency(cli, kind, 0).await?;
+    }
+    if kind != BrokerKind::Mock && cli.phases.contains(&Phase::Recovery) {
+        for successor in Successor::ALL {
+            let mut rounds_s = Vec::new();
+            for round in 0..cli.recovery_rounds.max(1) {
+                let seconds = recovery(kind, successor).await?;
+                eprintln!("{name} recovery, {}, round {round}: {seconds:.2} s", successor.name());
+                rounds_s.push(seconds);
+            }
+            let median_s = median(&mut rounds_s.clone());
+            figures.recovery.push(Recovery { successor: successor.name(), rounds_s, median_s });
+        }
+    }
+    if kind != BrokerKind::Mock && cli.phases.contains(&Phase::CommitInterval) {
+        for &interval_ms in &cli.commit_intervals {
+            let evaluator_events_per_s = throughput_round(cli, kind, true, interval_ms).await?;
+            let (latency, _, _) = latency(cli, kind, interval_ms).await?;
+            eprintln!(
+                "{name} commit interval {interval_ms} ms: evaluator {evaluator_events_per_s:.0}/s, \
+                 p99 to command {:.1} ms",
+                latency.to_command.p99_ms
+            );
+            figures.commit_intervals.push(CommitInterval {
+                interval_ms,
+                evaluator_events_per_s,
+                to_command: latency.to_command,
+            });
+        }
+    }
+    Ok((figures, to_command, to_result))
+}
 
+/// How the killed evaluator's successor starts.
+#[derive(Debug, Clone, Copy)]
+enum Successor {
+    /// A new transactional id, a dynamic group member (a Deployment's new pod).
+    NewId,
+    /// The same transactional id (a StatefulSet's pod), a dynamic group member.
+    SameId,
+    /// The same transactional id and static group membership under that id.
+    SameIdStatic,
+}
+
+impl Successor {
+    const ALL: [Self; 3] = [Self::NewId, Self::SameId, Self::SameIdStatic];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::NewId => "new transactional id",
+            Self::SameId => "same transactional id",
+            Self::SameIdStatic => "same id + static membership",
+        }
+    }
+}
+
+/// The evaluator as a process of its own (this program, told by `TOPUP_BENCH_CHILD`), so it
+/// can be killed with SIGKILL. Killed when dropped.
+struct EvaluatorProcess(std::process::Child);
+
+impl EvaluatorProcess {
+    fn start(
+        kafka: &KafkaArgs,
+        transactional_id: &str,
+        static_membership: bool,
+    ) -> anyhow::Result<Self> {
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .env("TOPUP_BENCH_CHILD", "evaluator")
+            .env("KAFKA_BROKERS", &kafka.brokers)
+            .env("EVALUATOR_TRANSACTIONAL_ID", transactional_id)
+            .env("KAFKA_STATIC_MEMBERSHIP", static_membership.to_string())
+            .env("RUST_LOG", "error")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .spawn()?;
+        Ok(Self(child))
+    }
+}
+
+impl Drop for EvaluatorProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Phase 4: a stream of balance events, each for a subscriber not seen before and below
+/// its threshold (so each one needs a command, and no payment worker is needed to clear
+/// the in-flight top-up); the evaluator process is killed with SIGKILL two seconds into it
+/// and its successor started at once. Returns the seconds from the kill until a command
+/// caused by an event published after the kill is read (read_committed, as a group member).
+async fn recovery(kind: BrokerKind, successor: Successor) -> anyhow::Result<f64> {
+    const RATE: u64 = 200;
+    const SUBSCRIBERS: u64 = RATE * 40;
     let brokers = Brokers::start(kind, PARTITIONS)?;
     let kafka = brokers.kafka_args();
-    preload(&kafka, cli)?;
-    let stop = CancellationToken::new();
-    start_all(&kafka, cli.max_batch, &stop);
-    let seconds = until_caught_up(pipeline_lags(&kafka)?).await?;
-    let pipeline = cli.events as f64 / seconds.max(1e-3);
-    stop.cancel();
-    drop(brokers);
+    let producer: Sender = kafka.producer().create()?;
+    for s in 0..SUBSCRIBERS {
+        let id = subscriber(s);
+        let update = RuleUpdated { rule: Some(latency_rule(&id)), updated_at: None };
+        send(&producer, topics::RULES, &id, &update.encode_to_vec())?;
+    }
+    producer.flush(Duration::from_secs(30))?;
+    let static_membership = matches!(successor, Successor::SameIdStatic);
+    let first = EvaluatorProcess::start(&kafka, "bench-evaluator-1", static_membership)?;
+    until_caught_up(vec![Lag::new(&kafka, "topup-evaluator", &[topics::RULES])?]).await?;
 
-    let (latency, to_command, to_result) = latency(cli, kind).await?;
-    let figures = BrokerFigures {
-        broker: name,
-        baseline_events_per_s: baseline,
-        evaluator_events_per_s: evaluator,
-        baseline_rounds: baselines,
-        evaluator_rounds: evaluators,
-        evaluator_over_baseline: evaluator / baseline.max(1.0),
-        pipeline_events_per_s: pipeline,
-        latency,
+    let consumer: BaseConsumer = kafka.group_consumer("bench-recovery").create()?;
+    consumer.subscribe(&[topics::COMMANDS])?;
+    let killed_at: Arc<std::sync::Mutex<Option<std::time::SystemTime>>> = Arc::default();
+    let done = CancellationToken::new();
+    let reader = {
+        let (killed_at, done) = (killed_at.clone(), done.clone());
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Option<f64>> {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            while !done.is_cancelled() && Instant::now() < deadline {
+                let Some(Ok(message)) = consumer.poll(Duration::from_millis(10)) else { continue };
+                let command = TopUpCommand::decode(message.payload().unwrap_or_default())?;
+                let Some(killed) = *killed_at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?
+                else {
+                    continue;
+                };
+                let observed = command.observed_at.as_ref().map(topup_kafka::system_time);
+                if observed.is_some_and(|o| o >= killed) {
+                    return Ok(std::time::SystemTime::now()
+                        .duration_since(killed)
+                        .ok()
+                        .map(|d| d.as_secs_f64()));
+                }
+            }
+            Ok(None)
+        })
     };
-    Ok((figures, to_command, to_result))
+    let started = Instant::now();
+    let mut slice = tokio::time::interval(Duration::from_millis(10));
+    let (mut sent, mut first, mut second) = (0u64, Some(first), None);
+    while sent < SUBSCRIBERS && !reader.is_finished() {
+        slice.tick().await;
+        let due = ((started.elapsed().as_secs_f64() * RATE as f64) as u64).min(SUBSCRIBERS);
+        while sent < due {
+            let id = subscriber(sent);
+            send(&producer, topics::BALANCE, &id, &balance(&id, 500, 1))?;
+            sent += 1;
+        }
+        producer.poll(Duration::ZERO);
+        if first.is_some() && started.elapsed() >= Duration::from_secs(2) {
+            let mut killed = first.take().context("the first evaluator")?;
+            killed.0.kill()?;
+            *killed_at.lock().map_err(|_| anyhow::anyhow!("poisoned"))? =
+                Some(std::time::SystemTime::now());
+            let id = match successor {
+                Successor::NewId => "bench-evaluator-2",
+                Successor::SameId | Successor::SameIdStatic => "bench-evaluator-1",
+            };
+            second = Some(EvaluatorProcess::start(&kafka, id, static_membership)?);
+        }
+    }
+    let recovered = tokio::time::timeout(Duration::from_secs(130), reader).await;
+    done.cancel();
+    drop(second);
+    recovered
+        .context("the recovery reader did not finish")???
+        .context("no command for an event published after the kill within 2 minutes")
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::var("TOPUP_BENCH_CHILD").as_deref() == Ok("evaluator") {
+        // Phase 4's evaluator process.
+        return topup_evaluator::main_from_args().await;
+    }
     let cli = Cli::parse();
     topup_kafka::init_logging();
     // Apache Kafka with its full JIT (scripts/kafka's default, C1 only, starts tests faster
@@ -656,8 +892,9 @@ async fn main() -> anyhow::Result<()> {
     }
     let peak = peak_rss_mib();
 
-    // Phase 4, last: it makes the process large.
-    let memory = memory_per_subscriber()?;
+    // The memory phase last: it makes the process large.
+    let memory =
+        if cli.phases.contains(&Phase::Memory) { memory_per_subscriber()? } else { Vec::new() };
     let per_million =
         memory.last().map_or(0.0, |m| m.bytes_per_added_subscriber * 1e6 / f64::from(1 << 20));
 
@@ -713,6 +950,45 @@ async fn main() -> anyhow::Result<()> {
     row("TopUpCommand", &|b| p(&b.latency.to_command));
     row("TopUpResult", &|b| p(&b.latency.to_result));
     row("achieved rate /s", &|b| format!("{:.0}", b.latency.achieved_rate_per_s));
+    let apache: Vec<&BrokerFigures> = f.brokers.iter().filter(|b| !b.recovery.is_empty()).collect();
+    if !apache.is_empty() {
+        println!(
+            "\nrecovery after a SIGKILL of the evaluator (s from the kill to the first command for a \
+             later event; median of rounds):\n"
+        );
+        println!(
+            "| successor | {} |",
+            apache.iter().map(|b| b.broker.as_str()).collect::<Vec<_>>().join(" | ")
+        );
+        println!("|---|{}", "---:|".repeat(apache.len()));
+        for (i, successor) in Successor::ALL.iter().enumerate() {
+            let cells: Vec<String> = apache
+                .iter()
+                .map(|b| {
+                    b.recovery.get(i).map_or("–".into(), |r| {
+                        let rounds: Vec<String> =
+                            r.rounds_s.iter().map(|x| format!("{x:.1}")).collect();
+                        format!("**{:.1}** ({})", r.median_s, rounds.join(", "))
+                    })
+                })
+                .collect();
+            println!("| {} | {} |", successor.name(), cells.join(" | "));
+        }
+    }
+    for b in f.brokers.iter().filter(|b| !b.commit_intervals.is_empty()) {
+        println!(
+            "\ncommit interval on {} (evaluator alone; latency at {} events/s, a drop every {}):\n",
+            b.broker, cli.rate, cli.drop_every
+        );
+        println!("| commit interval | evaluator events/s | to TopUpCommand p50 / p99 ms |");
+        println!("|---:|---:|---:|");
+        for c in &b.commit_intervals {
+            println!(
+                "| {} ms | {:.0} | {:.1} / **{:.1}** |",
+                c.interval_ms, c.evaluator_events_per_s, c.to_command.p50_ms, c.to_command.p99_ms
+            );
+        }
+    }
     println!("\nevaluator state in memory (one map, growing):\n");
     println!("| subscribers | process resident MiB | bytes per added subscriber |");
     println!("|---:|---:|---:|");
