@@ -137,7 +137,7 @@ impl Platform {
     /// secret, a 1 s timeout and fast retries.
     pub fn http_payment_config(&self, url: &str) -> topup_payment_worker::Config {
         let mut config = topup_payment_worker::Config::new(self.kafka.clone());
-        config.gateway = topup_payment_worker::GatewayKind::Http;
+        config.gateway = Some(topup_payment_worker::GatewayKind::Http);
         config.gateway_url = Some(url.to_string());
         config.gateway_secret = Some(gateway_server::SECRET.to_string().into());
         config.gateway_timeout_ms = 1_000;

@@ -354,6 +354,8 @@ fn spawn(
         .env("PAYMENT_GATEWAY_TIMEOUT_MS", "2000")
         .env("PAYMENT_INITIAL_BACKOFF_MS", "100")
         .env("QUIET_HOURS", "off")
+        // No SMTP server or webhooks here: the notifier prints (to /dev/null).
+        .env("NOTIFIER_PRINT_UNCONFIGURED", "true")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()

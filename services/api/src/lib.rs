@@ -44,8 +44,14 @@ pub struct Config {
     #[arg(long = "api-addr", env = "API_ADDR", default_value = "127.0.0.1:8088")]
     pub addr: SocketAddr,
 
-    /// sqlite://FILE?mode=rwc (created when missing) or postgres://USER:PASSWORD@HOST/DB.
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite://topup-api.db?mode=rwc")]
+    /// sqlite://FILE?mode=rwc (created when missing) or postgres://USER:PASSWORD@HOST/DB
+    /// (hidden in `--help`: it holds the password).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "sqlite://topup-api.db?mode=rwc",
+        hide_env_values = true
+    )]
     pub database_url: String,
 
     /// HS256 key that bearer tokens are signed with (at least 32 bytes).

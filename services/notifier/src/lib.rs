@@ -20,7 +20,9 @@ use topup_domain::CodeKey;
 use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
 use topup_proto::topics;
 
-pub use channel::{Channel, Channels, Console, Smtp, SmtpConfig, SmtpTls, Webhook, WebhookConfig};
+pub use channel::{
+    Channel, Channels, Console, NoConsole, Smtp, SmtpConfig, SmtpTls, Webhook, WebhookConfig,
+};
 pub use notifier::Notifier;
 pub use policy::{Policy, QuietHours, QuietHoursSetting, RateLimits, RetrySchedule};
 
@@ -47,7 +49,7 @@ pub struct Config {
     #[arg(long = "notifier-max-batch", env = "NOTIFIER_MAX_BATCH", default_value_t = 200)]
     pub max_batch: usize,
 
-    /// SMTP server for e-mail; without it e-mail goes to the console.
+    /// SMTP server for e-mail (without it, see NOTIFIER_PRINT_UNCONFIGURED).
     #[arg(long, env = "SMTP_HOST")]
     pub smtp_host: Option<String>,
 
@@ -71,12 +73,14 @@ pub struct Config {
     #[arg(long, env = "SMTP_FROM", default_value = "Auto top-up <topup@localhost>")]
     pub smtp_from: String,
 
-    /// SMS webhook endpoint; without it SMS go to the console.
-    #[arg(long, env = "SMS_WEBHOOK_URL")]
+    /// SMS webhook endpoint (without it, see NOTIFIER_PRINT_UNCONFIGURED; hidden in
+    /// `--help`: a provider's URL may carry a token).
+    #[arg(long, env = "SMS_WEBHOOK_URL", hide_env_values = true)]
     pub sms_webhook_url: Option<String>,
 
-    /// Push webhook endpoint; without it push messages go to the console.
-    #[arg(long, env = "PUSH_WEBHOOK_URL")]
+    /// Push webhook endpoint (without it, see NOTIFIER_PRINT_UNCONFIGURED; hidden in
+    /// `--help`: a provider's URL may carry a token).
+    #[arg(long, env = "PUSH_WEBHOOK_URL", hide_env_values = true)]
     pub push_webhook_url: Option<String>,
 
     /// HMAC-SHA256 secret signing the webhook requests (prefer the file).
@@ -86,6 +90,14 @@ pub struct Config {
     /// File holding the webhook signing secret.
     #[arg(long, env = "WEBHOOK_SECRET_FILE")]
     pub webhook_secret_file: Option<PathBuf>,
+
+    /// Print on standard output what has no provider here: e-mail without SMTP_HOST, SMS
+    /// without SMS_WEBHOOK_URL, push without PUSH_WEBHOOK_URL, and the console channel
+    /// kind. Off, the notifier refuses to start while e-mail, SMS or push has no provider,
+    /// and a console-kind delivery fails. For demos and local runs: the text printed
+    /// includes confirmation codes.
+    #[arg(long = "notifier-print-unconfigured", env = "NOTIFIER_PRINT_UNCONFIGURED")]
+    pub print_unconfigured: bool,
 
     /// Longest wait for an SMTP server or a webhook, in milliseconds.
     #[arg(long, env = "CHANNEL_TIMEOUT_MS", default_value_t = 5_000)]
@@ -148,7 +160,9 @@ fn parse_secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
 }
 
 impl Config {
-    /// Defaults (every channel on the console), connected to `kafka`.
+    /// Defaults, connected to `kafka`: no provider and no printing, so [`Config::channels`]
+    /// refuses until one of them is set; tests and the embedded demo hand their
+    /// [`Channels`] to [`run`].
     pub fn new(kafka: KafkaArgs) -> Self {
         Self {
             kafka,
@@ -166,6 +180,7 @@ impl Config {
             push_webhook_url: None,
             webhook_secret: None,
             webhook_secret_file: None,
+            print_unconfigured: false,
             channel_timeout_ms: 5_000,
             quiet_hours: QuietHoursSetting(QuietHours::from_str("22:00-08:00").ok()),
             rate_limits: RateLimits::from_str(DEFAULT_RATE_LIMITS)
@@ -211,8 +226,10 @@ impl Config {
         }
     }
 
-    /// The channels these settings describe: SMTP and webhooks where configured, the
-    /// console for the rest.
+    /// The channels these settings describe: SMTP and webhooks where configured. A kind
+    /// without a provider is refused unless [`Config::print_unconfigured`] says to print
+    /// it: any rule may name any kind, and a subscriber's messages must not end up in the
+    /// logs because a variable was forgotten.
     pub fn channels(&self) -> anyhow::Result<Channels> {
         let timeout = Duration::from_millis(self.channel_timeout_ms.max(1));
         let email = match &self.smtp_host {
@@ -246,11 +263,28 @@ impl Config {
             };
             Ok(Some(Webhook::new(WebhookConfig { url: url.clone(), secret, timeout })?))
         };
-        Ok(Channels {
+        let channels = Channels {
             email,
             sms: webhook(&self.sms_webhook_url)?,
             push: webhook(&self.push_webhook_url)?,
-        })
+        };
+        let unconfigured: Vec<&str> = [
+            (channels.email.is_none(), "e-mail (SMTP_HOST)"),
+            (channels.sms.is_none(), "SMS (SMS_WEBHOOK_URL)"),
+            (channels.push.is_none(), "push (PUSH_WEBHOOK_URL)"),
+        ]
+        .into_iter()
+        .filter_map(|(missing, kind)| missing.then_some(kind))
+        .collect();
+        if !unconfigured.is_empty() && !self.print_unconfigured {
+            anyhow::bail!(
+                "no provider for {}: configure one for each kind, or set \
+                 NOTIFIER_PRINT_UNCONFIGURED=true (--notifier-print-unconfigured) to print \
+                 those messages on standard output (demos and local runs only)",
+                unconfigured.join(", ")
+            );
+        }
+        Ok(channels)
     }
 }
 
@@ -266,11 +300,21 @@ pub async fn main_from_args() -> anyhow::Result<()> {
         config: Config,
     }
     let cli = <Cli as clap::Parser>::parse();
+    // Before anything starts: a kind without a provider stops the notifier here.
+    let channels = cli.config.channels()?;
     let shutdown = topup_kafka::start_service(&cli.config.ops, "topup-notifier")
         .map_err(anyhow::Error::msg)?;
-    let channels = cli.config.channels()?;
-    tracing::info!(channels = %channels.describe(), "notifier channels");
-    let ran = run(cli.config, channels, shutdown).await;
+    let print = cli.config.print_unconfigured;
+    tracing::info!(
+        channels = %channels.describe(),
+        print_unconfigured = print,
+        "notifier channels"
+    );
+    let ran = if print {
+        run(cli.config, channels, shutdown).await
+    } else {
+        run(cli.config, channels.without_console(), shutdown).await
+    };
     topup_kafka::finish_service().await;
     ran?;
     Ok(())
@@ -309,4 +353,46 @@ pub async fn run<C: Channel + Clone>(
         shutdown,
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(config: &Config) -> String {
+        config.channels().err().map(|e| format!("{e:#}")).unwrap_or_default()
+    }
+
+    // In a runtime: the SMTP transport may start its connection pool.
+    #[tokio::test]
+    async fn a_kind_without_a_provider_is_refused_naming_its_variable_and_the_flag() {
+        let mut config = Config::new(KafkaArgs::new("localhost:9092"));
+        config.smtp_host = Some("127.0.0.1".into());
+        config.smtp_tls = SmtpTls::None;
+        let error = refusal(&config);
+        for expected in ["SMS_WEBHOOK_URL", "PUSH_WEBHOOK_URL", "NOTIFIER_PRINT_UNCONFIGURED"] {
+            assert!(error.contains(expected), "{expected} not in {error:?}");
+        }
+        assert!(!error.contains("SMTP_HOST"), "e-mail has a provider: {error:?}");
+    }
+
+    #[test]
+    fn kinds_without_a_provider_are_printed_only_when_asked_for() {
+        let config =
+            Config { print_unconfigured: true, ..Config::new(KafkaArgs::new("localhost:9092")) };
+        assert!(config.channels().is_ok());
+    }
+
+    // In a runtime: the SMTP transport may start its connection pool.
+    #[tokio::test]
+    async fn every_kind_with_a_provider_starts_without_printing() {
+        let mut config = Config::new(KafkaArgs::new("localhost:9092"));
+        config.smtp_host = Some("127.0.0.1".into());
+        config.smtp_tls = SmtpTls::None;
+        config.sms_webhook_url = Some("http://127.0.0.1:9/sms".into());
+        config.push_webhook_url = Some("http://127.0.0.1:9/push".into());
+        config.webhook_secret = Some(SecretString::from("webhook-secret".to_string()));
+        let channels = config.channels().map_err(|e| format!("{e:#}"));
+        assert!(channels.is_ok(), "{channels:?}");
+    }
 }

@@ -52,12 +52,14 @@ pub struct Config {
     #[arg(long = "payment-transactional-id", env = "PAYMENT_TRANSACTIONAL_ID")]
     pub transactional_id: Option<String>,
 
-    /// Which gateway charges.
-    #[arg(long = "payment-gateway", env = "PAYMENT_GATEWAY", value_enum, default_value_t = GatewayKind::Sandbox)]
-    pub gateway: GatewayKind,
+    /// Which gateway charges; required, so that a worker never charges through the
+    /// sandbox (or a real provider) by accident.
+    #[arg(long = "payment-gateway", env = "PAYMENT_GATEWAY", value_enum)]
+    pub gateway: Option<GatewayKind>,
 
-    /// Charge endpoint of the HTTP gateway, e.g. https://pay.example.com/v1/charges.
-    #[arg(long = "payment-gateway-url", env = "PAYMENT_GATEWAY_URL")]
+    /// Charge endpoint of the HTTP gateway, e.g. https://pay.example.com/v1/charges
+    /// (hidden in `--help`: a URL may carry credentials).
+    #[arg(long = "payment-gateway-url", env = "PAYMENT_GATEWAY_URL", hide_env_values = true)]
     pub gateway_url: Option<String>,
 
     /// HMAC-SHA256 signing secret shared with the HTTP gateway (prefer the file).
@@ -142,14 +144,15 @@ fn parse_secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
 }
 
 impl Config {
-    /// Defaults (sandbox gateway), connected to `kafka`.
+    /// Defaults, connected to `kafka`. No gateway is chosen ([`Config::gateway()`] refuses
+    /// until one is); tests and the embedded demo hand theirs to [`run`].
     pub fn new(kafka: KafkaArgs) -> Self {
         Self {
             kafka,
             ops: topup_kafka::OpsArgs::default(),
             group_id: "topup-payment-worker".into(),
             transactional_id: None,
-            gateway: GatewayKind::Sandbox,
+            gateway: None,
             gateway_url: None,
             gateway_secret: None,
             gateway_secret_file: None,
@@ -176,9 +179,17 @@ impl Config {
         }
     }
 
-    /// The configured gateway; an HTTP gateway needs a URL and a secret.
+    /// The configured gateway; none chosen is refused (the worker fails closed), and an
+    /// HTTP gateway needs a URL and a secret.
     pub fn gateway(&self) -> anyhow::Result<AnyGateway> {
-        match self.gateway {
+        let Some(kind) = self.gateway else {
+            anyhow::bail!(
+                "no payment gateway chosen: set PAYMENT_GATEWAY (--payment-gateway) to `http` \
+                 (the provider at PAYMENT_GATEWAY_URL) or `sandbox` (test tokens decide, no \
+                 money moves)"
+            );
+        };
+        match kind {
             GatewayKind::Sandbox => Ok(AnyGateway::Sandbox(Sandbox::new())),
             GatewayKind::Http => {
                 let url = self.gateway_url.clone().context(
@@ -217,9 +228,10 @@ pub async fn main_from_args() -> anyhow::Result<()> {
         config: Config,
     }
     let cli = <Cli as clap::Parser>::parse();
+    // Before anything starts: without a usable gateway the worker does not start at all.
+    let gateway = cli.config.gateway()?;
     let shutdown = topup_kafka::start_service(&cli.config.ops, "topup-payment-worker")
         .map_err(anyhow::Error::msg)?;
-    let gateway = cli.config.gateway()?;
     let ran = run(cli.config, gateway, shutdown).await;
     topup_kafka::finish_service().await;
     ran?;
@@ -266,4 +278,28 @@ pub async fn run<G: PaymentGateway + Clone>(
         run_pipeline(retries, worker, shutdown.clone()),
     );
     a.and(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(config: &Config) -> String {
+        config.gateway().err().map(|e| format!("{e:#}")).unwrap_or_default()
+    }
+
+    #[test]
+    fn without_a_chosen_gateway_the_worker_refuses_naming_the_variable_and_the_choices() {
+        let error = refusal(&Config::new(KafkaArgs::new("localhost:9092")));
+        for expected in ["PAYMENT_GATEWAY", "`http`", "`sandbox`"] {
+            assert!(error.contains(expected), "{expected} not in {error:?}");
+        }
+    }
+
+    #[test]
+    fn an_explicitly_chosen_sandbox_is_accepted() {
+        let config =
+            Config { gateway: Some(GatewayKind::Sandbox), ..Config::new(KafkaArgs::new("k:9092")) };
+        assert!(matches!(config.gateway(), Ok(AnyGateway::Sandbox(_))));
+    }
 }

@@ -32,8 +32,9 @@ struct Cli {
     /// Where the subscriber API listens.
     #[arg(long, env = "API_ADDR", default_value = "127.0.0.1:8088")]
     api_addr: std::net::SocketAddr,
-    /// The API's database (default: in memory, gone at exit like the embedded Kafka).
-    #[arg(long, env = "DATABASE_URL", default_value = "sqlite::memory:")]
+    /// The API's database (default: in memory, gone at exit like the embedded Kafka;
+    /// hidden in `--help`: a postgres:// URL holds the password).
+    #[arg(long, env = "DATABASE_URL", default_value = "sqlite::memory:", hide_env_values = true)]
     database_url: String,
 }
 
@@ -64,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
     let mut tasks = tokio::task::JoinSet::new();
     tasks
         .spawn(topup_evaluator::run(topup_evaluator::Config::new(kafka.clone()), shutdown.clone()));
+    // The sandbox, chosen here (a standalone worker needs PAYMENT_GATEWAY): no money moves.
     tasks.spawn(topup_payment_worker::run(
         topup_payment_worker::Config::new(kafka.clone()),
         topup_payment_worker::Sandbox::new(),
@@ -90,6 +92,8 @@ async fn main() -> anyhow::Result<()> {
     // The demo shows every message at once; a deployed notifier holds non-urgent ones over
     // the subscriber's night (QUIET_HOURS, default 22:00-08:00).
     notifier.quiet_hours = topup_notifier::QuietHoursSetting(None);
+    // Every message printed, chosen here (what NOTIFIER_PRINT_UNCONFIGURED asks of a
+    // standalone notifier): the demo has no SMTP server or provider.
     tasks.spawn(topup_notifier::run(
         notifier,
         topup_notifier::Channels::console(),
@@ -159,5 +163,19 @@ async fn wait_for_stop(
         _ = shutdown.cancelled() => {}
         _ = until => {}
         _ = enough_events => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn help_shows_no_database_url_it_was_given() {
+        let command = Cli::command();
+        let database = command.get_arguments().find(|a| a.get_id() == "database_url");
+        assert!(database.is_some_and(clap::Arg::is_hide_env_values_set));
     }
 }

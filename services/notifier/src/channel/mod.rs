@@ -1,6 +1,7 @@
 //! Notification channels behind one trait; one file per implementation. [`Channels`]
 //! routes each delivery to the implementation configured for its kind (e-mail → SMTP,
-//! SMS and push → their webhooks); a kind with nothing configured goes to the console.
+//! SMS and push → their webhooks); a kind with nothing configured goes to the console,
+//! unless [`Channels::without_console`] has made it a permanent failure.
 mod console;
 mod smtp;
 mod webhook;
@@ -74,6 +75,23 @@ impl Channels {
         Self::default()
     }
 
+    /// Whether `kind` has a provider of its own (the console is none: it only prints).
+    pub fn provides(&self, kind: ChannelKind) -> bool {
+        match kind {
+            ChannelKind::Email => self.email.is_some(),
+            ChannelKind::Sms => self.sms.is_some(),
+            ChannelKind::Push => self.push.is_some(),
+            ChannelKind::Console | ChannelKind::Unspecified => false,
+        }
+    }
+
+    /// These channels with nothing printed: a delivery of a kind without a provider fails
+    /// for good instead of going to standard output (the standalone notifier's unless
+    /// `NOTIFIER_PRINT_UNCONFIGURED` is set).
+    pub fn without_console(self) -> NoConsole {
+        NoConsole(self)
+    }
+
     /// One line per kind saying where it goes, for the startup log.
     pub fn describe(&self) -> String {
         format!(
@@ -106,5 +124,54 @@ impl Channel for Channels {
             _ => {}
         }
         Console.deliver(delivery).await
+    }
+}
+
+/// [`Channels`] that never print: what has no provider is refused as a permanent failure,
+/// so its receipt says why and, when no channel of the notification got through, the
+/// `UNDELIVERABLE` receipt raises the alert — the message is never left in a log.
+#[derive(Debug, Clone)]
+pub struct NoConsole(Channels);
+
+impl Channel for NoConsole {
+    async fn deliver(&self, delivery: &Delivery<'_>) -> Result<(), ChannelError> {
+        if !self.0.provides(delivery.kind) {
+            let kind = delivery.kind.as_str_name().trim_start_matches("CHANNEL_KIND_");
+            return Err(ChannelError::Permanent(format!(
+                "no provider for {} here and printing is off (NOTIFIER_PRINT_UNCONFIGURED)",
+                kind.to_lowercase()
+            )));
+        }
+        self.0.deliver(delivery).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(kind: ChannelKind) -> Delivery<'static> {
+        Delivery {
+            notification_id: "n-1",
+            notification: NotificationKind::ConfirmationCode,
+            kind,
+            address: "",
+            masked: "",
+            subscriber_id: "sub-1",
+            locale: "en",
+            subject: "Your code",
+            text: "Your auto top-up confirmation code is 994409.",
+            urgent: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn without_the_console_a_kind_without_provider_fails_for_good_instead_of_printing() {
+        let channels = Channels::console().without_console();
+        let kinds = [ChannelKind::Console, ChannelKind::Sms, ChannelKind::Email, ChannelKind::Push];
+        for kind in kinds {
+            let refused = channels.deliver(&delivery(kind)).await;
+            assert!(matches!(refused, Err(ChannelError::Permanent(_))), "{kind:?}: {refused:?}");
+        }
     }
 }

@@ -442,6 +442,8 @@ async fn latency(
         })
     };
     let done = CancellationToken::new();
+    // The readers stop on every path out of here, an error too (the runtime waits for them).
+    let _stop_readers = done.clone().drop_guard();
     let commands = collect(reader(topics::COMMANDS)?, true, done.clone());
     let results = collect(reader(topics::RESULTS)?, false, done.clone());
 
@@ -813,6 +815,7 @@ async fn recovery(kind: BrokerKind, successor: Successor) -> anyhow::Result<f64>
     consumer.subscribe(&[topics::COMMANDS])?;
     let killed_at: Arc<std::sync::Mutex<Option<std::time::SystemTime>>> = Arc::default();
     let done = CancellationToken::new();
+    let _stop_reader = done.clone().drop_guard();
     let reader = {
         let (killed_at, done) = (killed_at.clone(), done.clone());
         tokio::task::spawn_blocking(move || -> anyhow::Result<Option<f64>> {
