@@ -159,6 +159,46 @@ impl Channel for Discard {
 }
 
 /// Valid records of every input topic, to mutate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_record_as_large_as_the_balance_topic_accepts_is_dead_lettered_cut_to_fit_and_the_next_balance_is_processed(
+) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use sha2::Digest;
+    let platform = Platform::start()?;
+    platform.publish_rule(rule("sub-big", "tok_ok", topup_proto::v1::RuleState::Active)).await?;
+    // The broker's default message.max.bytes is 1,048,588 per record batch: this record, with
+    // its batch around it, is about as large as the topic accepts, and larger than what
+    // librdkafka would send by default (message.max.bytes 1,000,000) — a dead letter that
+    // copied all of it could never be written.
+    let huge = vec![0xffu8; 1_048_000];
+    let producer: FutureProducer =
+        platform.kafka.producer().set("message.max.bytes", "2000000").create()?;
+    producer
+        .send(FutureRecord::to(topics::BALANCE).key("sub-big").payload(&huge), topup_tests::WAIT)
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("publishing the large record: {e}"))?;
+    // The same subscriber's next balance is processed: the partition is not stuck.
+    platform.publish_balance("sub-big", 800, 1).await?;
+    let mut results = platform.reader::<TopUpResult>(topics::RESULTS)?;
+    results.wait_for("sub-big's top-up", |r| r.subscriber_id == "sub-big").await?;
+
+    let mut dead = platform.reader::<DeadLetter>(topics::DLQ)?;
+    let letter = dead
+        .wait_for("the large record's dead letter", |d| d.source_topic == topics::BALANCE)
+        .await?
+        .clone();
+    assert!(letter.truncated, "cut to fit");
+    assert_eq!(letter.original_value_size, huge.len() as u64);
+    assert_eq!(letter.original_value.len(), topup_kafka::DEAD_LETTER_VALUE_BYTES);
+    assert_eq!(letter.original_value[..], huge[..letter.original_value.len()]);
+    let digest: String = sha2::Sha256::digest(&huge).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(letter.original_value_sha256, digest);
+    assert_eq!(letter.original_key, b"sub-big");
+    assert!(!letter.reason.is_empty());
+    assert_eq!(dead.seen.len(), 1, "one dead letter: {:?}", dead.seen.len());
+    platform.stop().await
+}
+
 fn valid_values() -> Vec<(&'static str, Vec<u8>)> {
     let rule = rule("sub-f", "tok_ok", topup_proto::v1::RuleState::Active);
     vec![

@@ -17,7 +17,10 @@ pub use config::KafkaArgs;
 pub use error::{Error, Result};
 pub use ops::{health, pipeline_metrics, registry, spawn_ops, OpsArgs};
 pub use pipeline::{run_pipeline, PipelineSpec, Processor, Refusal};
-pub use record::{dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output};
+pub use record::{
+    dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output,
+    DEAD_LETTER_VALUE_BYTES,
+};
 pub use restore::read_partition_to_end;
 pub use runtime::{finish_service, init_logging, instance_id, shutdown_on_signal, start_service};
 pub use store::{apply_whole, ApplyRecord, StateStore};

@@ -166,23 +166,62 @@ pub(crate) fn reason_class(reason: &str) -> String {
 
 /// The dead letter for `input`: its original bytes, where it came from, and why.
 pub fn dead_letter(input: &Input, service: &str, reason: &str) -> Output {
+    let key = input.key.as_deref().unwrap_or_default();
+    let value = input.payload.as_deref().unwrap_or_default();
+    let (kept_key, kept_value) =
+        (cut(key, DEAD_LETTER_KEY_BYTES), cut(value, DEAD_LETTER_VALUE_BYTES));
     let letter = DeadLetter {
-        original_key: input.key.clone().unwrap_or_default(),
-        original_value: input.payload.clone().unwrap_or_default(),
+        original_key: kept_key.to_vec(),
+        original_value: kept_value.to_vec(),
         source_topic: input.topic.clone(),
         source_partition: input.partition,
         source_offset: input.offset,
-        reason: reason.to_string(),
+        reason: cut_str(reason, DEAD_LETTER_REASON_BYTES).to_string(),
         service: service.to_string(),
         failed_at: Some(now_timestamp()),
+        original_value_size: value.len() as u64,
+        original_key_size: key.len() as u64,
+        original_value_sha256: sha256_hex(value),
+        truncated: kept_key.len() < key.len() || kept_value.len() < value.len(),
     };
+    let header_bytes: usize = input.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
     Output {
         topic: topup_proto::topics::DLQ,
         partition: None,
-        key: input.key.clone().unwrap_or_default(),
+        key: kept_key.to_vec(),
         payload: Some(letter.encode_to_vec()),
-        headers: input.headers.clone(),
+        headers: if header_bytes <= DEAD_LETTER_HEADER_BYTES {
+            input.headers.clone()
+        } else {
+            Vec::new()
+        },
     }
+}
+
+/// Most of a refused record's value a dead letter copies. With the key, reason and header
+/// caps below, a dead letter stays far below librdkafka's 1,000,000-byte `message.max.bytes`
+/// however large the input was: a letter too big to send would abort its transaction and
+/// leave the partition stuck for every instance that takes it.
+pub const DEAD_LETTER_VALUE_BYTES: usize = 64 * 1024;
+const DEAD_LETTER_KEY_BYTES: usize = 1024;
+const DEAD_LETTER_REASON_BYTES: usize = 4096;
+const DEAD_LETTER_HEADER_BYTES: usize = 16 * 1024;
+
+fn cut(bytes: &[u8], most: usize) -> &[u8] {
+    &bytes[..bytes.len().min(most)]
+}
+
+fn cut_str(text: &str, most: usize) -> &str {
+    let mut end = text.len().min(most);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The wall clock as a protobuf timestamp.

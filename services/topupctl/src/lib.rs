@@ -427,6 +427,20 @@ pub async fn run(cli: Cli, out: &mut (impl Write + Send)) -> anyhow::Result<()> 
                 {
                     continue;
                 }
+                if letter.truncated {
+                    // Only part of the record was kept: replaying it would publish garbage.
+                    writeln!(
+                        out,
+                        "skipped dlq partition {} offset {}: cut to fit ({} value bytes of {}, \
+                         sha256 {}); not replayable",
+                        record.partition,
+                        record.offset,
+                        letter.original_value.len(),
+                        letter.original_value_size,
+                        letter.original_value_sha256
+                    )?;
+                    continue;
+                }
                 writeln!(
                     out,
                     "{} dlq partition {} offset {} -> {} (was {}/{}): {}",
