@@ -189,30 +189,76 @@ fn start_services(platform: &mut Platform) {
     platform.start_notifier(notifier, topup_notifier::Channels::console());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn partition_leaders_down_and_back_during_a_stream_lose_and_duplicate_no_top_up(
-) -> anyhow::Result<()> {
-    let platform = Platform::start_on_three_brokers()?;
+/// 300 subscribers with active rules, and their stream being published in the background.
+async fn stream_started(platform: &Platform) -> anyhow::Result<Streaming> {
     let subs = subscribers(300);
     for s in &subs {
         platform.publish_rule(rule(s, "tok_ok", RuleState::Active)).await?;
     }
     let events = stream(&subs);
     let total = events.len();
-    let (publisher, mut progress) = publish_in_background(&platform, events);
+    let (publisher, progress) = publish_in_background(platform, events);
+    Ok(Streaming { subs, total, publisher, progress })
+}
+
+struct Streaming {
+    subs: Vec<String>,
+    total: usize,
+    publisher: tokio::task::JoinHandle<anyhow::Result<()>>,
+    progress: tokio::sync::watch::Receiver<usize>,
+}
+
+impl Streaming {
+    /// Waits until `fraction` of the stream is published.
+    async fn at(&mut self, fraction: f64) -> anyhow::Result<()> {
+        published(&mut self.progress, (self.total as f64 * fraction) as usize).await
+    }
+
+    /// The rest of the stream, then the ledger.
+    async fn finish(self, platform: &Platform) -> anyhow::Result<()> {
+        finish_publishing(self.publisher).await?;
+        wait_all_caught_up(platform).await?;
+        assert_ledger(platform, &self.subs, &platform.gateway.charges_by_command()).await
+    }
+}
+
+/// Waits until the cluster has moved every partition `broker` led to the others: the
+/// outage has been noticed (the controller fenced it) and the stream goes on without it.
+async fn out_of_service(platform: &Platform, broker: i32) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        every.tick().await;
+        match platform.kafka_cluster.leads_any(broker) {
+            Ok(false) => return Ok(()),
+            _ if tokio::time::Instant::now() > deadline => {
+                anyhow::bail!("broker {broker} still leads partitions after {WAIT:?}")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Takes `broker` down (SIGKILL) until the cluster has moved its partitions, then back.
+async fn outage(platform: &Platform, broker: i32) -> anyhow::Result<()> {
+    platform.kafka_cluster.broker_down(broker)?;
+    out_of_service(platform, broker).await?;
+    platform.kafka_cluster.broker_up(broker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partition_leaders_down_and_back_during_a_stream_lose_and_duplicate_no_top_up(
+) -> anyhow::Result<()> {
+    let platform = Platform::start_on_three_brokers()?;
+    let mut streaming = stream_started(&platform).await?;
     // Each broker in turn leads some partitions of every topic (and coordinates some
     // groups and transactions): take it down during the stream — after a quarter, a half,
-    // three quarters of it — and bring it back. The sleep sets how long an outage lasts;
-    // nothing waits on it for a result.
+    // three quarters of it — and bring it back.
     for broker in 1..=3 {
-        published(&mut progress, total * broker as usize / 4).await?;
-        platform.kafka_cluster.broker_down(broker)?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        platform.kafka_cluster.broker_up(broker)?;
+        streaming.at(f64::from(broker) / 4.0).await?;
+        outage(&platform, broker).await?;
     }
-    finish_publishing(publisher).await?;
-    wait_all_caught_up(&platform).await?;
-    assert_ledger(&platform, &subs, &platform.gateway.charges_by_command()).await?;
+    streaming.finish(&platform).await?;
     platform.stop().await
 }
 
@@ -221,33 +267,20 @@ async fn the_group_and_the_transaction_coordinator_killed_during_a_stream_lose_a
 ) -> anyhow::Result<()> {
     let mut platform = Platform::three_brokers()?;
     start_services(&mut platform);
-    let subs = subscribers(300);
-    for s in &subs {
-        platform.publish_rule(rule(s, "tok_ok", RuleState::Active)).await?;
-    }
-    let events = stream(&subs);
-    let total = events.len();
-    let (publisher, mut progress) = publish_in_background(&platform, events);
+    let mut streaming = stream_started(&platform).await?;
     // A third into the stream the broker coordinating the evaluator's group is killed
     // (SIGKILL) and restarted; at two thirds the one coordinating its transactions (looked
-    // up then: coordinators move when a broker goes). The sleep sets how long each outage
-    // lasts.
-    published(&mut progress, total / 3).await?;
+    // up then: coordinators move when a broker goes).
+    streaming.at(1.0 / 3.0).await?;
     let group = platform.kafka_cluster.group_coordinator("topup-evaluator")?;
-    platform.kafka_cluster.broker_down(group)?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    platform.kafka_cluster.broker_up(group)?;
-    published(&mut progress, total * 2 / 3).await?;
+    outage(&platform, group).await?;
+    streaming.at(2.0 / 3.0).await?;
     let transactions = platform.kafka_cluster.transaction_coordinator(EVALUATOR_ID)?;
-    platform.kafka_cluster.broker_down(transactions)?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    platform.kafka_cluster.broker_up(transactions)?;
+    outage(&platform, transactions).await?;
     println!(
         "killed broker {group} (group coordinator), then broker {transactions} (transactions)"
     );
-    finish_publishing(publisher).await?;
-    wait_all_caught_up(&platform).await?;
-    assert_ledger(&platform, &subs, &platform.gateway.charges_by_command()).await?;
+    streaming.finish(&platform).await?;
     platform.stop().await
 }
 
@@ -256,28 +289,37 @@ async fn a_broker_unreachable_for_longer_than_the_transaction_timeout_loses_and_
 ) -> anyhow::Result<()> {
     let mut platform = Platform::three_brokers()?;
     start_services(&mut platform);
-    let subs = subscribers(300);
-    for s in &subs {
-        platform.publish_rule(rule(s, "tok_ok", RuleState::Active)).await?;
-    }
-    let events = stream(&subs);
-    let total = events.len();
-    let (publisher, mut progress) = publish_in_background(&platform, events);
+    let mut streaming = stream_started(&platform).await?;
     // The broker coordinating the evaluator's transactions stops answering (SIGSTOP: its
-    // connections stay open, nothing comes back) for longer than the transaction timeout:
-    // the controller fences it, another broker takes its partitions and aborts the
-    // evaluator's open transaction, whose producer is fenced; then it answers again.
-    published(&mut progress, total / 3).await?;
+    // connections stay open, nothing comes back) until the controller has fenced it and
+    // another broker coordinates the evaluator's transactions, and at least for the
+    // transaction timeout: the new coordinator aborts the open transaction, whose producer
+    // is fenced; then it answers again.
+    streaming.at(1.0 / 3.0).await?;
     let paused = platform.kafka_cluster.transaction_coordinator(EVALUATOR_ID)?;
     platform.kafka_cluster.broker_pause(paused)?;
-    let outage = Duration::from_millis(u64::from(platform.kafka.transaction_timeout_ms))
-        + Duration::from_secs(4);
-    tokio::time::sleep(outage).await;
+    let timeout = Duration::from_millis(u64::from(platform.kafka.transaction_timeout_ms));
+    let paused_at = tokio::time::Instant::now();
+    out_of_service(&platform, paused).await?;
+    let deadline = paused_at + WAIT;
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        every.tick().await;
+        let moved = platform
+            .kafka_cluster
+            .transaction_coordinator(EVALUATOR_ID)
+            .is_ok_and(|now| now != paused);
+        if moved && paused_at.elapsed() > timeout {
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the evaluator's transactions still coordinated by broker {paused} after {WAIT:?}"
+        );
+    }
     platform.kafka_cluster.broker_resume(paused)?;
-    println!("broker {paused} unreachable for {outage:?}");
-    finish_publishing(publisher).await?;
-    wait_all_caught_up(&platform).await?;
-    assert_ledger(&platform, &subs, &platform.gateway.charges_by_command()).await?;
+    println!("broker {paused} unreachable for {:?}", paused_at.elapsed());
+    streaming.finish(&platform).await?;
     platform.stop().await
 }
 

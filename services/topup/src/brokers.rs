@@ -129,6 +129,15 @@ impl Brokers {
         }
     }
 
+    /// Whether broker `id` leads any partition now (on the mock cluster: never asked, false).
+    pub fn leads_any(&self, id: i32) -> anyhow::Result<bool> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let Self::Apache(kafka) = self else { return Ok(false) };
+        let consumer: BaseConsumer = kafka.kafka_args().reader().create()?;
+        let metadata = consumer.fetch_metadata(None, std::time::Duration::from_secs(5))?;
+        Ok(metadata.topics().iter().flat_map(|t| t.partitions()).any(|p| p.leader() == id))
+    }
+
     /// Brings broker `id` back (the same node, its data kept).
     pub fn broker_up(&self, id: i32) -> anyhow::Result<()> {
         match self {
