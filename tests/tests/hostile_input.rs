@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use proptest::prelude::*;
-use topup_kafka::{Input, KafkaArgs, Processor};
+use topup_kafka::{Input, KafkaArgs, Task};
 use topup_notifier::channel::{Channel, ChannelError, Delivery};
 use topup_proto::v1::{
     DeadLetter, NotificationCommand, NotificationKind, RuleUpdated, TopUpResult,
@@ -278,8 +278,8 @@ proptest! {
         let record = input(topic, key, bytes);
         let kafka = KafkaArgs::new("127.0.0.1:1");
         runtime.block_on(async {
-            let mut out = Vec::new();
-            let answer = match topic {
+            let batch = std::slice::from_ref(&record);
+            let answers = match topic {
                 topics::COMMANDS => {
                     let retry = topup_payment_worker::RetryPolicy {
                         max_attempts: 1,
@@ -293,23 +293,28 @@ proptest! {
                         key_retention: Duration::from_secs(86_400),
                     };
                     let rules = topup_payment_worker::RuleView::fixed(Default::default());
-                    let mut worker = topup_payment_worker::PaymentWorker::new(
+                    let worker = topup_payment_worker::PaymentWorker::new(
                         topup_payment_worker::Sandbox::new(), retry, limits, rules, 4);
-                    worker.process(&record, &mut out).await
+                    Task::new(worker).process(batch).await
                 }
                 topics::NOTIFICATIONS => {
                     let policy = topup_notifier::Config::new(kafka.clone()).policy();
-                    let mut notifier = topup_notifier::Notifier::new(Discard, policy, kafka);
-                    notifier.process(&record, &mut out).await
+                    let notifier = topup_notifier::Notifier::new(Discard, policy);
+                    Task::new(notifier).process(batch).await
                 }
                 _ => {
-                    let mut evaluator = topup_evaluator::Evaluator::new(
+                    let evaluator = topup_evaluator::Evaluator::new(
                         kafka, topup_evaluator::Settings::default());
-                    evaluator.process(&record, &mut out).await
+                    Task::new(evaluator).process(batch).await
                 }
             };
-            if let Err(refusal) = answer {
-                prop_assert!(!refusal.0.is_empty(), "a refusal without a reason");
+            let answers = answers.map_err(|e| TestCaseError::fail(e.to_string()))?;
+            prop_assert_eq!(answers.len(), 1);
+            for answer in answers {
+                if let Err(refusal) = answer {
+                    prop_assert!(!refusal.to_string().is_empty(), "a refusal without a reason");
+                    prop_assert!(!refusal.is_transient(), "bad bytes are not a passing problem");
+                }
             }
             Ok(())
         })?;

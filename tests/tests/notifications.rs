@@ -391,7 +391,7 @@ async fn quiet_hours_hold_what_can_wait_and_nothing_urgent() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_provider_hanging_for_one_subscriber_does_not_hold_back_the_others() -> anyhow::Result<()>
 {
-    use topup_kafka::{Input, Processor};
+    use topup_kafka::{Input, Task};
     let (sink, webhooks) = (SmtpSink::start().await?, WebhookServer::start().await?);
     // The provider answers one number only after 1.5 s (within the notifier's 2 s timeout).
     webhooks.slow("+86 13900000000", Duration::from_millis(1500));
@@ -432,13 +432,10 @@ async fn a_provider_hanging_for_one_subscriber_does_not_hold_back_the_others() -
         .collect();
     let platform = Platform::cluster()?;
     let config = platform.notifier_config();
-    let mut notifier = topup_notifier::Notifier::new(
-        channels(&sink, &webhooks)?,
-        config.policy(),
-        platform.kafka.clone(),
-    )
-    .with_concurrency(config.concurrency);
-    let answers = tokio::time::timeout(WAIT, notifier.process_batch(&batch)).await?;
+    let notifier = topup_notifier::Notifier::new(channels(&sink, &webhooks)?, config.policy())
+        .with_concurrency(config.concurrency);
+    let mut task = Task::new(notifier);
+    let answers = tokio::time::timeout(WAIT, task.process(&batch)).await??;
     assert_eq!(answers.len(), batch.len());
     for answer in &answers {
         assert!(answer.is_ok(), "{answer:?}");

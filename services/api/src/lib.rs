@@ -117,19 +117,10 @@ impl Config {
     pub fn new(kafka: KafkaArgs, database_url: &str, jwt_secret: &str, code_key: CodeKey) -> Self {
         Self {
             kafka,
-            addr: SocketAddr::from(([127, 0, 0, 1], 8088)),
             database_url: database_url.to_string(),
             jwt_secret: Some(SecretString::from(jwt_secret.to_string())),
-            jwt_secret_file: None,
             code_key: Some(code_key),
-            code_key_file: None,
-            carrier_limits: CarrierLimits::default(),
-            code_ttl_secs: 600,
-            code_max_attempts: 5,
-            code_lock_secs: 900,
-            max_body_bytes: 16 * 1024,
-            rate_limit_per_minute: 120,
-            history_group: "topup-api-history".into(),
+            ..topup_kafka::clap_defaults()
         }
     }
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use topup_domain::{
     command_id, idempotency_key, monthly_command_id, notification_id, BalanceObservation, Money,
-    OutcomeStatus, Rule, RuleState, SubscriberId, TopUpOutcome, YearMonth,
+    OutcomeStatus, Rule, RuleState, SubscriberId, TopUpOutcome, ValidationError, YearMonth,
 };
 use topup_proto::v1::{NotificationCommand, NotificationKind, TopUpCommand, TopUpTrigger};
 use topup_proto::Timestamp;
@@ -219,8 +219,9 @@ pub struct Settings {
 }
 
 impl Default for Settings {
+    /// The defaults of `topup-evaluator`'s settings (written once, in [`crate::Config`]).
     fn default() -> Self {
-        Self { reminder_level_minor: 500, reissue_after_secs: 900, credit_deadline_secs: 900 }
+        crate::Config::new(topup_kafka::KafkaArgs::new("")).settings()
     }
 }
 
@@ -239,7 +240,7 @@ pub fn decide(
     origin: &str,
     now: Timestamp,
     settings: &Settings,
-) -> Result<(SubscriberState, Vec<Effect>), String> {
+) -> Result<(SubscriberState, Vec<Effect>), ValidationError> {
     let mut effects = Vec::new();
     match event {
         Event::Balance(observation) => {
@@ -251,9 +252,12 @@ pub fn decide(
             }
             if let Some(rule) = &state.rule {
                 if observation.balance.currency != rule.threshold.currency {
-                    return Err(format!(
-                        "balance.currency: {} differs from the rule's currency {}",
-                        observation.balance.currency, rule.threshold.currency
+                    return Err(ValidationError::new(
+                        "balance.currency",
+                        format!(
+                            "{} differs from the rule's currency {}",
+                            observation.balance.currency, rule.threshold.currency
+                        ),
                     ));
                 }
                 if observation.balance.minor >= rule.threshold.minor {
@@ -295,9 +299,12 @@ pub fn decide(
                 if rule.state != RuleState::Deleted
                     && rule.threshold.currency != balance.money.currency
                 {
-                    return Err(format!(
-                        "rule.threshold.currency: {} differs from the balance's currency {}",
-                        rule.threshold.currency, balance.money.currency
+                    return Err(ValidationError::new(
+                        "rule.threshold.currency",
+                        format!(
+                            "{} differs from the balance's currency {}",
+                            rule.threshold.currency, balance.money.currency
+                        ),
                     ));
                 }
             }

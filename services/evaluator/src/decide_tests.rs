@@ -214,7 +214,7 @@ fn a_rule_in_another_currency_than_the_balance_is_refused_and_the_old_rule_stays
     }));
     let before = state.clone();
     let refused = decide(state, rule_event(&usd), "r", NOW, &Settings::default()).unwrap_err();
-    assert!(refused.contains("USD"), "{refused}");
+    assert!(refused.to_string().contains("USD"), "{refused}");
     assert_eq!(before.rule.map(|r| r.threshold.currency.code().to_string()), Some("CNY".into()));
 }
 
@@ -305,7 +305,7 @@ proptest! {
                 }
             };
             let (next, effects) = decide(state, event, &format!("p/{i}"), NOW, &Settings::default())
-                .map_err(TestCaseError::fail)?;
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
             state = next;
             let issued = commands(&effects);
             prop_assert!(issued.len() <= 1);

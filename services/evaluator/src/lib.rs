@@ -3,8 +3,9 @@
 //! notifications — all inside one Kafka transaction per batch.
 //!
 //! Where to look: [`decide`] makes the decision (pure); [`processor`] moves records in and
-//! out; [`state`] is the changelog format.
+//! out; [`changelog`] is where state is written, [`state`] its record format.
 
+pub mod changelog;
 pub mod decide;
 pub mod metrics;
 pub mod processor;
@@ -65,18 +66,17 @@ pub struct Config {
 }
 
 impl Config {
-    /// Defaults, connected to `kafka`.
+    /// The defaults (the `default_value`s above), connected to `kafka`.
     pub fn new(kafka: KafkaArgs) -> Self {
-        Self {
-            kafka,
-            ops: topup_kafka::OpsArgs::default(),
-            group_id: "topup-evaluator".into(),
-            transactional_id: None,
-            max_batch: 500,
-            reminder_level_minor: 500,
-            tick_ms: 10_000,
-            reissue_after_secs: 900,
-            credit_deadline_secs: 900,
+        Self { kafka, ..topup_kafka::clap_defaults() }
+    }
+
+    /// The settings of the decision.
+    pub fn settings(&self) -> Settings {
+        Settings {
+            reminder_level_minor: self.reminder_level_minor,
+            reissue_after_secs: self.reissue_after_secs,
+            credit_deadline_secs: self.credit_deadline_secs,
         }
     }
 }
@@ -112,10 +112,6 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> topup_kafka::Re
         tick_every: Some(std::time::Duration::from_millis(config.tick_ms.max(10))),
         kafka: config.kafka.clone(),
     };
-    let settings = Settings {
-        reminder_level_minor: config.reminder_level_minor,
-        reissue_after_secs: config.reissue_after_secs,
-        credit_deadline_secs: config.credit_deadline_secs,
-    };
+    let settings = config.settings();
     run_pipeline(spec, || Evaluator::new(config.kafka.clone(), settings), shutdown).await
 }

@@ -1,92 +1,37 @@
-//! Where a record becomes a decision: decode and validate the input, load the subscriber's
-//! state, `decide`, and turn the effects and the new state into records.
-use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+//! Where a record becomes a decision: decode and validate the input, `decide` with the
+//! subscriber's state (which the pipeline's task hands over and keeps), and turn the
+//! effects into records. The changelog format is in [`crate::changelog`].
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::SystemTime;
 
 use topup_domain::{BalanceObservation, Money, Rule, SubscriberId, TopUpOutcome};
-use topup_kafka::{decode, Input, KafkaArgs, Output, Processor, Refusal, StateStore};
-use topup_proto::evaluator::v1 as changelog;
-use topup_proto::v1::{self as wire, BalanceUpdated, RuleUpdated, TopUpResult};
-use topup_proto::{topics, Message};
+use topup_kafka::{decode, Answer, Input, KafkaArgs, Output, Processor, Refusal, StateRecord};
+use topup_proto::topics;
+use topup_proto::v1::{BalanceUpdated, RuleUpdated, TopUpResult};
 
 use crate::decide::{
-    decide, on_day, reissue, Effect, Event, InputRecord, Settings, SubscriberState,
+    credit_overdue, decide, on_day, reissue, reissue_overdue, Effect, Event, InputRecord, Settings,
+    SubscriberState,
 };
 use crate::metrics::{self, count};
 
 /// The evaluator's Kafka-facing half; the decision itself is in [`crate::decide`].
 pub struct Evaluator {
     settings: Settings,
-    /// State per input partition, then per subscriber id.
-    store: StateStore<SubscriberState>,
     /// The UTC day every subscriber was last looked at for [`on_day`] (monthly top-ups,
-    /// expiry reminders); `None` after a (re)assignment.
-    scanned_day: Option<i64>,
-    /// Subscribers whose rule changed since, looked at on the next tick.
-    rule_changed: HashSet<(i32, String)>,
+    /// expiry reminders); [`NOT_SCANNED`] after a (re)assignment.
+    scanned_day: AtomicI64,
     /// On the mock cluster, which shows records of transactions never committed, the
     /// record that issued the top-up in flight may be read again after a crash: its command
     /// is then issued again (see [`crate::decide::reissue`]). Never on Apache Kafka.
     reissue_on_reread: bool,
 }
 
+const NOT_SCANNED: i64 = i64::MIN;
+
 /// How far ahead of the record's own time a balance's `observed_at` may be.
 const MAX_CLOCK_SKEW_SECS: i64 = 300;
-
-/// Suffix of the changelog key holding a subscriber's rule ("sub-42 rule"); a space never
-/// occurs in a subscriber id. The rule is written apart from the rest of the state so that
-/// a balance event — the common case — writes a small record, not the rule again.
-const RULE_KEY_SUFFIX: &str = " rule";
-
-/// The changelog key of `subscriber`'s rule.
-pub fn rule_key(subscriber: &str) -> String {
-    format!("{subscriber}{RULE_KEY_SUFFIX}")
-}
-
-/// Folds one changelog record into a partition's states (see [`topup_kafka::ApplyRecord`]).
-fn apply_record(
-    states: &mut HashMap<String, SubscriberState>,
-    key: &str,
-    value: Option<&[u8]>,
-) -> Result<(), String> {
-    if let Some(subscriber) = key.strip_suffix(RULE_KEY_SUFFIX) {
-        let rule = match value {
-            None => None,
-            Some(bytes) => {
-                let raw = wire::AutoTopUpRule::decode(bytes).map_err(|e| e.to_string())?;
-                Some(Arc::new(Rule::try_from(&raw).map_err(|e| e.to_string())?))
-            }
-        };
-        match states.get_mut(subscriber) {
-            Some(state) => state.rule = rule,
-            None => {
-                let id = SubscriberId::parse(subscriber).map_err(|e| e.to_string())?;
-                let mut state = SubscriberState::new(id);
-                state.rule = rule;
-                states.insert(subscriber.to_string(), state);
-            }
-        }
-        return Ok(());
-    }
-    let Some(bytes) = value else {
-        states.remove(key);
-        return Ok(());
-    };
-    let mut record = changelog::SubscriberState::decode(bytes).map_err(|e| e.to_string())?;
-    if record.subscriber_id.is_empty() {
-        // Left out when written: it is the key.
-        record.subscriber_id = key.to_string();
-    }
-    let mut state = SubscriberState::try_from(&record).map_err(|e| e.to_string())?;
-    // Records without a rule leave the rule written under its own key in place (records
-    // written before the split carry their rule and replace it).
-    if record.rule.is_none() {
-        state.rule = states.get(key).and_then(|s| s.rule.clone());
-    }
-    states.insert(key.to_string(), state);
-    Ok(())
-}
 
 impl Evaluator {
     /// An evaluator with no partitions yet.
@@ -94,11 +39,17 @@ impl Evaluator {
         Self {
             settings,
             reissue_on_reread: kafka.mock_cluster,
-            store: StateStore::new(kafka, topics::EVALUATOR_STATE, apply_record),
-            scanned_day: None,
-            rule_changed: HashSet::new(),
+            scanned_day: AtomicI64::new(NOT_SCANNED),
         }
     }
+
+    fn scanned_today(&self, now: SystemTime) -> bool {
+        self.scanned_day.load(Ordering::Relaxed) == day_of(now)
+    }
+}
+
+fn day_of(now: SystemTime) -> i64 {
+    topup_kafka::timestamp_of(now).seconds.div_euclid(86_400)
 }
 
 fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
@@ -112,11 +63,14 @@ fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
             if let Some(observed) = &observation.observed_at {
                 let limit = input.time().seconds.saturating_add(MAX_CLOCK_SKEW_SECS);
                 if observed.seconds > limit {
-                    return Err(Refusal::new(format!(
-                        "observed_at: {}s is more than {MAX_CLOCK_SKEW_SECS}s ahead of the record's time {}s",
-                        observed.seconds,
-                        input.time().seconds
-                    )));
+                    return Err(Refusal::invalid(
+                        "observed_at",
+                        format!(
+                            "{}s is more than {MAX_CLOCK_SKEW_SECS}s ahead of the record's time {}s",
+                            observed.seconds,
+                            input.time().seconds
+                        ),
+                    ));
                 }
             }
             Ok((observation.subscriber.clone(), Event::Balance(observation)))
@@ -125,7 +79,7 @@ fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
             let raw: RuleUpdated = decode(input, |m: &RuleUpdated| {
                 m.rule.as_ref().map_or("", |r| r.subscriber_id.as_str())
             })?;
-            let wire = raw.rule.as_ref().ok_or_else(|| Refusal::new("rule: is required"))?;
+            let wire = raw.rule.as_ref().ok_or_else(|| Refusal::invalid("rule", "is required"))?;
             let rule = Rule::try_from(wire).map_err(|e| e.within("rule"))?;
             Ok((rule.subscriber.clone(), Event::Rule(Box::new(rule))))
         }
@@ -134,7 +88,7 @@ fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
             let outcome = TopUpOutcome::try_from(&raw)?;
             Ok((outcome.subscriber.clone(), Event::Outcome(outcome)))
         }
-        other => Err(Refusal::new(format!("the evaluator does not consume {other}"))),
+        other => Err(Refusal::UnexpectedTopic { service: "evaluator", topic: other.to_string() }),
     }
 }
 
@@ -178,82 +132,28 @@ fn emit(effects: Vec<Effect>, subscriber: &SubscriberId, out: &mut Vec<Output>) 
     }
 }
 
-impl Evaluator {
-    /// Every tick: the top-ups that have waited too long for their result, issued again
-    /// under the same id (see [`crate::decide::reissue_overdue`]).
-    fn reissue_overdue(&mut self, now: topup_proto::Timestamp, out: &mut Vec<Output>) {
-        if self.settings.reissue_after_secs <= 0 {
-            return;
-        }
-        let mut changed = Vec::new();
-        for (partition, states) in self.store.partitions_mut() {
-            for (subscriber, state) in states.iter_mut().filter(|(_, s)| s.in_flight.is_some()) {
-                let (after, command) =
-                    crate::decide::reissue_overdue(state.clone(), now, &self.settings);
-                if after.differs_from(state) {
-                    *state = after;
-                    changed.push((partition, subscriber.clone(), state.encode_record(), command));
-                }
-            }
-        }
-        for (partition, subscriber, record, command) in changed {
-            out.push(self.store.record_bytes(partition, &subscriber, record));
-            let Some(command) = command else { continue };
-            tracing::warn!(
-                subscriber = %subscriber,
-                command_id = %command.command_id,
-                after_secs = self.settings.reissue_after_secs,
-                "top-up without a result for too long: command issued again under the same id"
-            );
-            metrics::exported().topups_reissued.inc(&[]);
-            out.push(Output::message(topics::COMMANDS, &subscriber, &command));
-        }
-    }
-}
-
-impl Evaluator {
-    /// Every tick: charged top-ups whose credit the carrier has not reported in time (see
-    /// [`crate::decide::credit_overdue`]).
-    fn credits_overdue(&mut self, now: topup_proto::Timestamp, out: &mut Vec<Output>) {
-        let mut raised = Vec::new();
-        for (partition, states) in self.store.partitions_mut() {
-            for (subscriber, state) in states.iter_mut().filter(|(_, s)| s.credit_watch.is_some()) {
-                let (after, notice) = crate::decide::credit_overdue(state.clone(), now);
-                if let Some(notice) = notice {
-                    *state = after;
-                    raised.push((partition, subscriber.clone(), state.encode_record(), notice));
-                }
-            }
-        }
-        for (partition, subscriber, record, notice) in raised {
-            tracing::error!(
-                subscriber = %subscriber,
-                command_id = %notice.command_id,
-                "a charged top-up was not credited by the carrier in time"
-            );
-            metrics::exported().credits_overdue.inc(&[]);
-            out.push(self.store.record_bytes(partition, &subscriber, record));
-            out.push(Output::message(topics::NOTIFICATIONS, &subscriber, &notice));
-        }
-    }
-}
-
 impl Processor for Evaluator {
-    async fn assigned(&mut self, partitions: &BTreeSet<i32>) -> topup_kafka::Result<()> {
-        self.scanned_day = None;
-        self.store.restore(partitions).await
-    }
+    type Event = (SubscriberId, Event);
+    type State = SubscriberState;
+    type Batch = ();
+    const CHANGELOG: Option<&'static str> = Some(topics::EVALUATOR_STATE);
 
-    fn revoked(&mut self, partitions: &BTreeSet<i32>) {
-        self.store.revoke(partitions);
-    }
-
-    async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
+    fn decode(&self, input: &Input) -> Result<(String, Self::Event), Refusal> {
         let (subscriber, event) = event_of(input).inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
-        let states = self.store.partition_mut(input.partition);
-        let before = states
-            .remove(subscriber.as_str())
-            .unwrap_or_else(|| SubscriberState::new(subscriber.clone()));
+        Ok((subscriber.to_string(), (subscriber, event)))
+    }
+
+    async fn begin_batch(&self, _batch: &[Input]) {}
+
+    async fn process(
+        &self,
+        input: &Input,
+        _batch: &(),
+        state: &mut Option<SubscriberState>,
+        (subscriber, event): Self::Event,
+    ) -> Answer {
+        let mut out = Vec::new();
+        let before = state.take().unwrap_or_else(|| SubscriberState::new(subscriber.clone()));
         let origin = format!("{}/{}/{}", input.topic, input.partition, input.offset);
         let record = input_record(input);
         let reread = record.filter(|_| self.reissue_on_reread);
@@ -263,104 +163,130 @@ impl Processor for Evaluator {
                 offset = input.offset,
                 "the record that issued the top-up in flight was read again: command issued again under the same id"
             );
-            emit(effects, &subscriber, out);
-            self.store.partition_mut(input.partition).insert(subscriber.to_string(), before);
-            return Ok(());
+            emit(effects, &subscriber, &mut out);
+            *state = Some(before);
+            return Ok(out);
         }
-        let kept = before.clone();
-        match decide(before, event, &origin, input.time(), &self.settings) {
-            Ok((mut after, effects)) => {
-                if input.topic == topics::RULES {
-                    // The version commands carry: the payment worker compares it with the
-                    // rules it reads itself.
-                    after.rule_version = u64::try_from(input.offset).map_or(0, |o| o + 1);
-                }
-                if effects.iter().any(|e| matches!(e, Effect::Command(_))) {
-                    if let Some(flight) = after.in_flight.as_mut() {
-                        flight.issued_by = record;
-                    }
-                }
-                emit(effects, &subscriber, out);
-                if after.differs_from(&kept) {
-                    out.push(self.store.record_bytes(
-                        input.partition,
-                        subscriber.as_str(),
-                        after.encode_record(),
-                    ));
-                }
-                let rule_changed = match (&kept.rule, &after.rule) {
-                    (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
-                    (None, None) => false,
-                    _ => true,
-                };
-                if rule_changed {
-                    self.rule_changed.insert((input.partition, subscriber.to_string()));
-                    let key = rule_key(subscriber.as_str());
-                    out.push(match &after.rule {
-                        Some(rule) => self.store.record_bytes(
-                            input.partition,
-                            &key,
-                            rule.wire.encode_to_vec(),
-                        ),
-                        None => self.store.tombstone(input.partition, &key),
-                    });
-                }
-                self.store.partition_mut(input.partition).insert(subscriber.to_string(), after);
-                Ok(())
-            }
-            Err(reason) => {
-                self.store.partition_mut(input.partition).insert(subscriber.to_string(), kept);
-                count(&metrics::DEAD_LETTERS);
-                Err(Refusal::new(reason))
+        let rule_event = matches!(event, Event::Rule(_));
+        let (mut after, effects) = decide(before, event, &origin, input.time(), &self.settings)
+            .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        if rule_event {
+            // The version commands carry: the payment worker compares it with the rules it
+            // reads itself.
+            after.rule_version = u64::try_from(input.offset).map_or(0, |o| o + 1);
+        }
+        if effects.iter().any(|e| matches!(e, Effect::Command(_))) {
+            if let Some(flight) = after.in_flight.as_mut() {
+                flight.issued_by = record;
             }
         }
+        emit(effects, &subscriber, &mut out);
+        if rule_event {
+            // A new rule is looked at for the day at once (a monthly top-up due, a method
+            // about to expire), not only at the next day's scan.
+            let (today, effects) = on_day(after, input.time());
+            after = today;
+            emit(effects, &subscriber, &mut out);
+        }
+        *state = Some(after);
+        Ok(out)
     }
 
-    /// Once per UTC day every subscriber, and any whose rule changed since the last tick:
-    /// the monthly top-up when due, reminders for payment methods about to expire.
-    async fn tick(&mut self, now: SystemTime) -> Vec<Output> {
-        let now = topup_kafka::timestamp_of(now);
-        let day = now.seconds.div_euclid(86_400);
-        let changed = std::mem::take(&mut self.rule_changed);
-        let targets: Vec<(i32, String)> = if self.scanned_day == Some(day) {
-            changed.into_iter().collect()
-        } else {
-            self.store
-                .partitions_mut()
-                .flat_map(|(partition, states)| {
-                    states
-                        .iter()
-                        .filter(|(_, state)| state.rule.is_some())
-                        .map(move |(subscriber, _)| (partition, subscriber.clone()))
-                        .collect::<Vec<_>>()
-                })
-                .collect()
-        };
+    /// A subscriber with a rule once per UTC day (monthly top-ups, expiry reminders); a
+    /// top-up in flight (it may wait too long for its result); a charged top-up whose
+    /// credit is watched.
+    fn due(&self, state: &SubscriberState, now: SystemTime) -> bool {
+        (state.rule.is_some() && !self.scanned_today(now))
+            || (state.in_flight.is_some() && self.settings.reissue_after_secs > 0)
+            || state.credit_watch.is_some()
+    }
+
+    async fn on_due(
+        &self,
+        _key: &str,
+        state: &mut Option<SubscriberState>,
+        now: SystemTime,
+    ) -> Vec<Output> {
         let mut out = Vec::new();
-        for (partition, subscriber) in targets {
-            let Some(state) = self.store.partition_mut(partition).get_mut(&subscriber) else {
-                continue;
-            };
-            let (after, effects) = on_day(state.clone(), now);
-            let record = after.differs_from(state).then(|| after.encode_record());
-            *state = after;
-            if let Ok(id) = SubscriberId::parse(&subscriber) {
-                emit(effects, &id, &mut out);
-            }
-            if let Some(record) = record {
-                out.push(self.store.record_bytes(partition, &subscriber, record));
+        let Some(mut current) = state.take() else { return out };
+        let subscriber = current.subscriber.clone();
+        let now_ts = topup_kafka::timestamp_of(now);
+        if current.rule.is_some() && !self.scanned_today(now) {
+            let (after, effects) = on_day(current, now_ts);
+            current = after;
+            emit(effects, &subscriber, &mut out);
+        }
+        if current.in_flight.is_some() && self.settings.reissue_after_secs > 0 {
+            // The top-up waited too long for its result: issued again under the same id
+            // (see `crate::decide::reissue_overdue`).
+            let (after, command) = reissue_overdue(current, now_ts, &self.settings);
+            current = after;
+            if let Some(command) = command {
+                tracing::warn!(
+                    subscriber = %subscriber,
+                    command_id = %command.command_id,
+                    after_secs = self.settings.reissue_after_secs,
+                    "top-up without a result for too long: command issued again under the same id"
+                );
+                metrics::exported().topups_reissued.inc(&[]);
+                out.push(Output::message(topics::COMMANDS, subscriber.as_str(), &command));
             }
         }
-        self.scanned_day = Some(day);
-        self.reissue_overdue(now, &mut out);
-        self.credits_overdue(now, &mut out);
+        if current.credit_watch.is_some() {
+            // A charged top-up the carrier has not reported as credited in time (see
+            // `crate::decide::credit_overdue`).
+            let (after, notice) = credit_overdue(current.clone(), now_ts);
+            if let Some(notice) = notice {
+                current = after;
+                tracing::error!(
+                    subscriber = %subscriber,
+                    command_id = %notice.command_id,
+                    "a charged top-up was not credited by the carrier in time"
+                );
+                metrics::exported().credits_overdue.inc(&[]);
+                out.push(Output::message(topics::NOTIFICATIONS, subscriber.as_str(), &notice));
+            }
+        }
+        *state = Some(current);
         out
+    }
+
+    fn ticked(&self, now: SystemTime) {
+        self.scanned_day.store(day_of(now), Ordering::Relaxed);
+    }
+
+    fn assigned(&self, _partitions: &BTreeSet<i32>) {
+        self.scanned_day.store(NOT_SCANNED, Ordering::Relaxed);
+    }
+
+    fn state_records(
+        &self,
+        key: &str,
+        before: Option<&SubscriberState>,
+        after: Option<&SubscriberState>,
+    ) -> Vec<StateRecord> {
+        crate::changelog::records(key, before, after)
+    }
+
+    fn restore_record(
+        &self,
+        states: &mut std::collections::HashMap<String, SubscriberState>,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), String> {
+        crate::changelog::apply(states, key, value)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::changelog::apply as apply_record;
+    use std::collections::HashMap;
+    use topup_kafka::Task;
+    use topup_proto::evaluator::v1 as changelog;
+    use topup_proto::v1 as wire;
+    use topup_proto::Message;
 
     fn raw_rule(subscriber: &str) -> wire::AutoTopUpRule {
         let cny = |minor| wire::Money { currency: "CNY".into(), amount_minor: minor };
@@ -477,22 +403,24 @@ mod tests {
                 input(topics::BALANCE, 11, "sub-1", balance(2, 500)),
                 input(topics::BALANCE, 12, "sub-1", balance(3, 450)),
             ];
-            let mut first = Evaluator::new(kafka.clone(), settings);
+            let mut first = Task::new(Evaluator::new(kafka.clone(), settings));
             let mut out = Vec::new();
             for record in &records {
-                first.process(record, &mut out).await.unwrap();
+                for answer in first.process(std::slice::from_ref(record)).await.unwrap() {
+                    out.extend(answer.unwrap());
+                }
             }
             let issued: Vec<_> = out.iter().filter(|o| o.topic == topics::COMMANDS).collect();
             assert_eq!(issued.len(), 1);
             // Only the changelog survived: restore it, then read the balances again.
-            let mut second = Evaluator::new(kafka, settings);
+            let mut second = Task::new(Evaluator::new(kafka, settings));
             for o in out.iter().filter(|o| o.topic == topics::EVALUATOR_STATE) {
                 let key = String::from_utf8(o.key.clone()).unwrap();
-                apply_record(second.store.partition_mut(0), &key, o.payload.as_deref()).unwrap();
+                second.restore_one(0, &key, o.payload.as_deref());
             }
             let mut again = Vec::new();
-            for record in &records[1..] {
-                second.process(record, &mut again).await.unwrap();
+            for answer in second.process(&records[1..]).await.unwrap() {
+                again.extend(answer.unwrap());
             }
             let reissued: Vec<_> = again.iter().filter(|o| o.topic == topics::COMMANDS).collect();
             assert_eq!(reissued.len(), 1, "the command again");

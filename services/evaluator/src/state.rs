@@ -36,7 +36,7 @@ impl SubscriberState {
     }
 
     /// The changelog record under the subscriber's key, encoded: everything but the rule,
-    /// which has a key of its own (see `processor::rule_key`) and is written only when it
+    /// which has a key of its own (see `changelog::rule_key`) and is written only when it
     /// changes — a balance event writes a small record.
     ///
     /// Two more fields are left out because they can be derived, making the record about

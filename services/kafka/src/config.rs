@@ -60,15 +60,7 @@ pub struct KafkaArgs {
 impl KafkaArgs {
     /// Settings for `brokers` with every default.
     pub fn new(brokers: impl Into<String>) -> Self {
-        Self {
-            brokers: brokers.into(),
-            session_timeout_ms: 10_000,
-            transaction_timeout_ms: 10_000,
-            commit_interval_ms: 0,
-            properties: Vec::new(),
-            mock_cluster: false,
-            static_membership: false,
-        }
+        Self { brokers: brokers.into(), ..clap_defaults() }
     }
 
     fn base(&self) -> ClientConfig {
@@ -151,5 +143,41 @@ impl KafkaArgs {
             .set("partitioner", PARTITIONER)
             .set("linger.ms", "1");
         config
+    }
+}
+
+/// The settings `T` holds when nothing is given: each field's clap `default_value` — the one
+/// place a default is written — with neither the command line nor the environment read.
+/// What each service's `Config::new` starts from, so that tests and the embedded platform
+/// run with the defaults `--help` shows.
+pub fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
+    let command = T::augment_args(clap::Command::new("defaults").no_binary_name(true))
+        .mut_args(|arg| arg.env(None));
+    let parsed = command
+        .try_get_matches_from(std::iter::empty::<String>())
+        .and_then(|matches| T::from_arg_matches(&matches));
+    match parsed {
+        Ok(settings) => settings,
+        // Only a required field without a default gets here: a mistake in the settings'
+        // definition, which every test building them shows at once.
+        Err(error) => panic!("settings without a default for a required field: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_clap_definitions_and_not_from_the_environment() {
+        // The variable set here must not reach the defaults (tests run with many set).
+        std::env::set_var("KAFKA_SESSION_TIMEOUT_MS", "1");
+        let kafka = KafkaArgs::new("b:9092");
+        std::env::remove_var("KAFKA_SESSION_TIMEOUT_MS");
+        assert_eq!(kafka.brokers, "b:9092");
+        assert_eq!(kafka.session_timeout_ms, 10_000);
+        assert_eq!(kafka.transaction_timeout_ms, 10_000);
+        assert_eq!(kafka.commit_interval_ms, 0);
+        assert!(kafka.properties.is_empty() && !kafka.mock_cluster && !kafka.static_membership);
     }
 }

@@ -16,6 +16,9 @@ pub enum Error {
     /// A processor broke its contract (a bug): the incarnation ends rather than lose records.
     #[error("processor: {0}")]
     Processor(String),
+    /// A record could not be processed, for a reason that passes, even after retries.
+    #[error("transient failure outlasted its retries: {0}")]
+    Transient(String),
     /// A processor could not rebuild its state.
     #[error("restoring state: {0}")]
     Restore(String),

@@ -6,22 +6,26 @@ mod config;
 mod error;
 pub mod ops;
 mod pipeline;
+mod processor;
 mod record;
+mod refusal;
 mod restore;
 mod runtime;
-mod store;
 pub mod telemetry;
 mod topics;
 
-pub use config::KafkaArgs;
+pub use config::{clap_defaults, KafkaArgs};
 pub use error::{Error, Result};
 pub use ops::{health, pipeline_metrics, registry, spawn_ops, OpsArgs};
-pub use pipeline::{run_pipeline, PipelineSpec, Processor, Refusal};
+pub use pipeline::{run_pipeline, PipelineSpec};
+pub use processor::{
+    restore_whole, whole_state_records, Answer, Processor, StateRecord, Task, TransientRetry,
+};
 pub use record::{
     dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output,
     DEAD_LETTER_VALUE_BYTES,
 };
+pub use refusal::Refusal;
 pub use restore::read_partition_to_end;
 pub use runtime::{finish_service, init_logging, instance_id, shutdown_on_signal, start_service};
-pub use store::{apply_whole, ApplyRecord, StateStore};
 pub use topics::{create_topics, create_topics_on_mock, TopicSpec, DEFAULT_PARTITIONS};

@@ -4,7 +4,6 @@
 //! Kafka). Shape after rust-rdkafka's `examples/at_least_once.rs` and
 //! `tests/test_transactions.rs`.
 use std::collections::{BTreeMap, BTreeSet};
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -19,6 +18,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use crate::processor::{Processor, Task};
 use crate::record::{dead_letter, Input, Output};
 use crate::{Error, KafkaArgs, Result};
 
@@ -29,78 +29,6 @@ const TXN_GRACE: Duration = Duration::from_secs(5);
 /// How long closing an incarnation's clients is waited for before they are left to close in
 /// the background.
 const CLOSE_WAIT: Duration = Duration::from_secs(10);
-
-/// Why a record was not used: it goes to the dead-letter topic with this reason.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Refusal(pub String);
-
-impl Refusal {
-    /// A refusal with a reason for a human.
-    pub fn new(reason: impl Into<String>) -> Self {
-        Self(reason.into())
-    }
-}
-
-impl<E: std::fmt::Display> From<E> for Refusal
-where
-    E: std::error::Error,
-{
-    fn from(error: E) -> Self {
-        Self(error.to_string())
-    }
-}
-
-/// The business part of a service. The pipeline calls it one record at a time, in
-/// partition order, and commits what it returns together with the record's offset.
-pub trait Processor: Send {
-    /// Partitions (numbers, the same across co-partitioned input topics) were assigned to
-    /// this instance: rebuild their state before any of their records arrive.
-    fn assigned(&mut self, partitions: &BTreeSet<i32>) -> impl Future<Output = Result<()>> + Send {
-        let _ = partitions;
-        async { Ok(()) }
-    }
-
-    /// Partitions were taken away: forget their state.
-    fn revoked(&mut self, partitions: &BTreeSet<i32>) {
-        let _ = partitions;
-    }
-
-    /// Processes one record, pushing the records to produce into `out`. A refusal sends the
-    /// input to the dead-letter topic instead (and discards `out`).
-    fn process(
-        &mut self,
-        input: &Input,
-        out: &mut Vec<Output>,
-    ) -> impl Future<Output = std::result::Result<(), Refusal>> + Send;
-
-    /// Called every [`PipelineSpec::tick_every`]: produces what has come due without an
-    /// input record (a notification held over quiet hours, a delivery to retry), with the
-    /// state changes that go with it. Committed in a transaction of its own. The default
-    /// does nothing.
-    fn tick(&mut self, now: SystemTime) -> impl Future<Output = Vec<Output>> + Send {
-        let _ = now;
-        async { Vec::new() }
-    }
-
-    /// Processes a batch and answers, in input order, each record's outputs or refusal.
-    /// The default calls [`Processor::process`] one record after the other; a processor
-    /// whose records wait on the outside world (a gateway, a mail server) may work on
-    /// different subscribers at once, as long as each subscriber's records keep their order.
-    fn process_batch(
-        &mut self,
-        batch: &[Input],
-    ) -> impl Future<Output = Vec<std::result::Result<Vec<Output>, Refusal>>> + Send {
-        async move {
-            let mut answers = Vec::with_capacity(batch.len());
-            for input in batch {
-                let mut out = Vec::new();
-                let answer = self.process(input, &mut out).await;
-                answers.push(answer.map(|()| out));
-            }
-            answers
-        }
-    }
-}
 
 /// What a pipeline consumes and as whom.
 #[derive(Debug, Clone)]
@@ -118,7 +46,8 @@ pub struct PipelineSpec {
     pub inputs: Vec<&'static str>,
     /// Most records processed in one transaction.
     pub max_batch: usize,
-    /// How often [`Processor::tick`] runs; `None` never.
+    /// How often the processor's due keys are looked at ([`Processor::due`]); `None`
+    /// never.
     pub tick_every: Option<Duration>,
     /// Connection settings.
     pub kafka: KafkaArgs,
@@ -202,8 +131,8 @@ where
 {
     let mut backoff = Duration::from_millis(500);
     for incarnation in 0u64.. {
-        let processor = make_processor();
-        match run_incarnation(&spec, incarnation, processor, &shutdown).await {
+        let task = Task::new(make_processor());
+        match run_incarnation(&spec, incarnation, task, &shutdown).await {
             Ok(()) => return Ok(()),
             Err(error) => {
                 tracing::error!(service = spec.service, %error, ?backoff, "pipeline failed; restarting");
@@ -334,7 +263,7 @@ impl Txn {
 async fn run_incarnation<P: Processor>(
     spec: &PipelineSpec,
     incarnation: u64,
-    mut processor: P,
+    mut task: Task<P>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     // Ready again once partitions are assigned and restored (see `apply_rebalances`).
@@ -348,7 +277,7 @@ async fn run_incarnation<P: Processor>(
         Txn::new(spec.kafka.transactional_producer(&spec.transactional_id).create()?, &spec.kafka)?;
     let clients = Clients(Some((consumer, txn)));
     let served = match &clients.0 {
-        Some((consumer, txn)) => serve(spec, consumer, txn, &mut processor, shutdown).await,
+        Some((consumer, txn)) => serve(spec, consumer, txn, &mut task, shutdown).await,
         None => Ok(()),
     };
     if !clients.close().await {
@@ -394,7 +323,7 @@ async fn serve<P: Processor>(
     spec: &PipelineSpec,
     consumer: &StreamConsumer<RebalanceLog>,
     txn: &Txn,
-    processor: &mut P,
+    task: &mut Task<P>,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     txn.call("init_transactions", |p, t| p.init_transactions(t)).await?;
@@ -416,11 +345,11 @@ async fn serve<P: Processor>(
             // Between batches too: the processor's state matches what is committed.
             _ = housekeeping.tick() => {
                 // Partitions revoked meanwhile must not be acted on by this instance.
-                apply_rebalances(spec, consumer, processor).await?;
+                apply_rebalances(spec, consumer, task).await?;
                 if let Some(every) = spec.tick_every {
                     if last_tick.elapsed() >= every {
                         last_tick = tokio::time::Instant::now();
-                        let out = processor.tick(SystemTime::now()).await;
+                        let out = task.tick(SystemTime::now()).await;
                         if !out.is_empty() {
                             commit_outputs(txn, &out).await?;
                         }
@@ -460,7 +389,7 @@ async fn serve<P: Processor>(
                 None => break,
             }
         }
-        if apply_rebalances(spec, consumer, processor).await? {
+        if apply_rebalances(spec, consumer, task).await? {
             // A rebalance happened while the batch was read. Records read before it belong
             // to the old assignment: drop them, they are fetched again from the committed
             // offset by whoever owns their partition now. Keep only what came after.
@@ -470,18 +399,19 @@ async fn serve<P: Processor>(
                 continue;
             }
         }
-        process_batch(spec, consumer, txn, processor, &batch).await?;
+        process_batch(spec, consumer, txn, task, &batch).await?;
         tracing::debug!(service = spec.service, records = batch.len(), "batch committed");
     }
     tracing::info!(service = spec.service, "pipeline stopped");
     Ok(())
 }
 
-/// Tells the processor about rebalances recorded since the last call; true if any.
+/// Acts on rebalances recorded since the last call (state restored or dropped); true if
+/// any.
 async fn apply_rebalances<P: Processor>(
     spec: &PipelineSpec,
     consumer: &StreamConsumer<RebalanceLog>,
-    processor: &mut P,
+    task: &mut Task<P>,
 ) -> Result<bool> {
     let events = consumer.context().take();
     let any = !events.is_empty();
@@ -489,11 +419,11 @@ async fn apply_rebalances<P: Processor>(
         match event {
             RebalanceEvent::Revoked(partitions) => {
                 tracing::info!(service = spec.service, ?partitions, "partitions revoked");
-                processor.revoked(&partitions);
+                task.revoke(&partitions);
             }
             RebalanceEvent::Assigned(partitions) => {
                 tracing::info!(service = spec.service, ?partitions, "partitions assigned");
-                processor.assigned(&partitions).await?;
+                task.assign(&spec.kafka, &partitions).await?;
                 crate::ops::health().set_ready(&spec.group_id, true);
             }
         }
@@ -521,7 +451,7 @@ async fn process_batch<P: Processor>(
     spec: &PipelineSpec,
     consumer: &StreamConsumer<RebalanceLog>,
     txn: &Txn,
-    processor: &mut P,
+    task: &mut Task<P>,
     batch: &[Input],
 ) -> Result<()> {
     // The transaction opens only once the batch is processed: a processor that waits on a
@@ -529,7 +459,7 @@ async fn process_batch<P: Processor>(
     // transaction.timeout.ms).
     let spans: Vec<_> =
         batch.iter().map(|input| crate::telemetry::process_span(&spec.group_id, input)).collect();
-    let answers = processor.process_batch(batch).await;
+    let answers = task.process(batch).await?;
     if answers.len() != batch.len() {
         // Committing past an unanswered record would lose it.
         return Err(Error::Processor(format!(
@@ -544,13 +474,13 @@ async fn process_batch<P: Processor>(
     // Counted per batch, once it is committed.
     let mut consumed: BTreeMap<&str, u64> = BTreeMap::new();
     let mut produced: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut refused: BTreeMap<(&str, String), u64> = BTreeMap::new();
+    let mut refused: BTreeMap<(&str, std::borrow::Cow<'static, str>), u64> = BTreeMap::new();
     for ((input, answer), cx) in batch.iter().zip(answers).zip(&spans) {
         *consumed.entry(input.topic.as_str()).or_default() += 1;
-        let mut out = answer.unwrap_or_else(|Refusal(reason)| {
+        let mut out = answer.unwrap_or_else(|refusal| {
+            let reason = refusal.to_string();
             crate::telemetry::refused(cx, &reason);
-            let class = crate::record::reason_class(&reason);
-            *refused.entry((input.topic.as_str(), class)).or_default() += 1;
+            *refused.entry((input.topic.as_str(), refusal.class())).or_default() += 1;
             tracing::warn!(
                 service = spec.service,
                 topic = %input.topic,
@@ -593,7 +523,7 @@ async fn process_batch<P: Processor>(
         metrics.produced.inc_by(&[("service", spec.service), ("topic", topic)], n);
     }
     for ((topic, class), n) in refused {
-        let labels = [("service", spec.service), ("topic", topic), ("reason", class.as_str())];
+        let labels = [("service", spec.service), ("topic", topic), ("reason", class.as_ref())];
         metrics.dead_letters.inc_by(&labels, n);
     }
     // On the mock cluster only, the same offsets again as a plain commit: it acknowledges

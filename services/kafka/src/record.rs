@@ -5,7 +5,7 @@ use prost::Message as _;
 use rdkafka::message::{Headers, Message};
 use topup_proto::{v1::DeadLetter, Timestamp};
 
-use crate::pipeline::Refusal;
+use crate::Refusal;
 
 /// Largest record value a service decodes; anything bigger is dead-lettered unread.
 pub(crate) const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -114,54 +114,22 @@ pub fn decode<T: prost::Message + Default>(
     input: &Input,
     subscriber_id: impl Fn(&T) -> &str,
 ) -> Result<T, Refusal> {
-    let payload = input.payload.as_deref().ok_or_else(|| Refusal::new("record has no value"))?;
+    let payload = input.payload.as_deref().ok_or(Refusal::NoValue)?;
     if payload.len() > MAX_RECORD_BYTES {
-        return Err(Refusal::new(format!(
-            "value is {} bytes, larger than the {MAX_RECORD_BYTES} bytes accepted",
-            payload.len()
-        )));
+        return Err(Refusal::TooLarge { size: payload.len(), limit: MAX_RECORD_BYTES });
     }
-    let message = T::decode(payload).map_err(|e| {
-        Refusal::new(format!("value is not a valid {}: {e}", std::any::type_name::<T>()))
+    let message = T::decode(payload).map_err(|e| Refusal::Undecodable {
+        message: std::any::type_name::<T>(),
+        detail: e.to_string(),
     })?;
     let subscriber = subscriber_id(&message);
     match input.key_str() {
         Some(key) if key == subscriber => Ok(message),
-        Some(key) => Err(Refusal::new(format!(
-            "record key {key:?} differs from subscriber_id {subscriber:?}"
-        ))),
-        None => Err(Refusal::new(format!(
-            "record has no UTF-8 key; expected the subscriber id {subscriber:?}"
-        ))),
+        key => Err(Refusal::WrongKey {
+            key: key.map(str::to_string),
+            expected: subscriber.to_string(),
+        }),
     }
-}
-
-/// A refusal's reason as a metric label of bounded cardinality: `no_value`, `too_large`,
-/// `undecodable`, `wrong_key`, `invalid:<field path>` (list indexes dropped), or `other`.
-pub(crate) fn reason_class(reason: &str) -> String {
-    if reason.starts_with("record has no value") {
-        return "no_value".into();
-    }
-    if reason.starts_with("value is not a valid") {
-        return "undecodable".into();
-    }
-    if reason.starts_with("value is ") && reason.contains("larger than") {
-        return "too_large".into();
-    }
-    if reason.starts_with("record key") || reason.starts_with("record has no UTF-8 key") {
-        return "wrong_key".into();
-    }
-    if let Some((path, _)) = reason.split_once(": ") {
-        let path: String = path
-            .split('[')
-            .map(|part| part.split_once(']').map_or(part, |(_, rest)| rest))
-            .collect();
-        let field = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.';
-        if !path.is_empty() && path.len() <= 64 && path.chars().all(field) {
-            return format!("invalid:{path}");
-        }
-    }
-    "other".into()
 }
 
 /// The dead letter for `input`: its original bytes, where it came from, and why.
@@ -243,27 +211,4 @@ pub fn system_time(timestamp: &Timestamp) -> SystemTime {
     let seconds = u64::try_from(timestamp.seconds).unwrap_or(0);
     let nanos = u32::try_from(timestamp.nanos).unwrap_or(0).min(999_999_999);
     UNIX_EPOCH + std::time::Duration::new(seconds, nanos)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::reason_class;
-
-    #[test]
-    fn refusal_reasons_fall_into_few_classes() {
-        assert_eq!(reason_class("record has no value"), "no_value");
-        assert_eq!(reason_class("value is not a valid topup.v1.X: bad wire type"), "undecodable");
-        assert_eq!(reason_class("value is 2000000 bytes, larger than the 1 bytes"), "too_large");
-        assert_eq!(reason_class("record key \"a\" differs from subscriber_id \"b\""), "wrong_key");
-        assert_eq!(
-            reason_class("balance.currency: XYZ is not ISO 4217"),
-            "invalid:balance.currency"
-        );
-        assert_eq!(
-            reason_class("rule.payment_methods[3].token: is required"),
-            "invalid:rule.payment_methods.token"
-        );
-        assert_eq!(reason_class("the evaluator does not consume t"), "other");
-        assert_eq!(reason_class("Some Thing: with capitals"), "other");
-    }
 }

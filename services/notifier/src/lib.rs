@@ -10,7 +10,6 @@ pub mod policy;
 pub mod templates;
 
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -164,35 +163,7 @@ impl Config {
     /// refuses until one of them is set; tests and the embedded demo hand their
     /// [`Channels`] to [`run`].
     pub fn new(kafka: KafkaArgs) -> Self {
-        Self {
-            kafka,
-            ops: topup_kafka::OpsArgs::default(),
-            group_id: "topup-notifier".into(),
-            transactional_id: None,
-            max_batch: 200,
-            smtp_host: None,
-            smtp_port: 587,
-            smtp_tls: SmtpTls::Starttls,
-            smtp_username: None,
-            smtp_password: None,
-            smtp_from: "Auto top-up <topup@localhost>".into(),
-            sms_webhook_url: None,
-            push_webhook_url: None,
-            webhook_secret: None,
-            webhook_secret_file: None,
-            print_unconfigured: false,
-            channel_timeout_ms: 5_000,
-            quiet_hours: QuietHoursSetting(QuietHours::from_str("22:00-08:00").ok()),
-            rate_limits: RateLimits::from_str(DEFAULT_RATE_LIMITS)
-                .unwrap_or(RateLimits(Default::default())),
-            delivery_max_attempts: 5,
-            delivery_initial_backoff_ms: 1_000,
-            delivery_max_backoff_ms: 60_000,
-            dedup_window_hours: 72,
-            confirmation_code_key: None,
-            confirmation_code_key_file: None,
-            concurrency: 16,
-        }
+        Self { kafka, ..topup_kafka::clap_defaults() }
     }
 
     /// The confirmation-code key, from the value or the file.
@@ -340,13 +311,12 @@ pub async fn run<C: Channel + Clone>(
         tick_every: Some(Duration::from_millis(200)),
         kafka: config.kafka.clone(),
     };
-    let kafka = config.kafka.clone();
     let key = config.code_key().map_err(|e| topup_kafka::Error::Config(format!("{e:#}")))?;
     let concurrency = config.concurrency;
     run_pipeline(
         spec,
         || {
-            Notifier::new(channel.clone(), policy.clone(), kafka.clone())
+            Notifier::new(channel.clone(), policy.clone())
                 .with_code_key(key.clone())
                 .with_concurrency(concurrency)
         },

@@ -8,15 +8,13 @@
 //! notification), so de-duplication and rate limits hold across restarts. Messages held
 //! over quiet hours and channels waiting for a retry are in it too; the pipeline's tick
 //! sends them when due.
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-
-use futures::StreamExt;
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use topup_domain::{mask_contact, CodeKey, SubscriberId};
 use topup_kafka::{
-    apply_whole, decode, system_time, timestamp_of, Input, KafkaArgs, Output, Processor, Refusal,
-    StateStore,
+    decode, restore_whole, system_time, timestamp_of, whole_state_records, Answer, Input, Output,
+    Processor, Refusal, StateRecord,
 };
 use topup_proto::notifier::v1::{Pending, SubscriberDeliveries};
 use topup_proto::topics;
@@ -29,16 +27,10 @@ use crate::metrics::{self, count};
 use crate::policy::{Admission, Policy};
 use crate::templates::render;
 
-/// One delivery of a batch: the answer it belongs to, its receipts, what is left to retry.
-type Delivered = (usize, Vec<Output>, Option<Pending>);
-
 /// The notifier's processor.
 pub struct Notifier<C> {
     channel: C,
     policy: Policy,
-    store: StateStore<SubscriberDeliveries>,
-    /// Earliest due time of anything pending; `None` when nothing is.
-    next_due: Option<SystemTime>,
     /// Opens the sealed codes of confirmation-code notifications.
     code_key: Option<CodeKey>,
     /// Subscribers delivered to at once within a batch.
@@ -54,13 +46,14 @@ fn opened(n: &NotificationCommand, key: Option<&CodeKey>) -> Result<Notification
         return Ok(n.clone());
     };
     let key = key.ok_or_else(|| {
-        Refusal::new(
-            "parameters.code_sealed: CONFIRMATION_CODE_KEY is not set, so the code cannot be opened",
+        Refusal::invalid(
+            "parameters.code_sealed",
+            "CONFIRMATION_CODE_KEY is not set, so the code cannot be opened",
         )
     })?;
     let code = key
         .open(&n.subscriber_id, sealed)
-        .map_err(|e| Refusal::new(format!("parameters.code_sealed: {e}")))?;
+        .map_err(|e| Refusal::invalid("parameters.code_sealed", e.to_string()))?;
     let mut open = n.clone();
     open.parameters.remove(SEALED_CODE);
     open.parameters.insert("code".into(), code);
@@ -120,14 +113,14 @@ fn validate(input: &Input, key: Option<&CodeKey>) -> Result<NotificationCommand,
     let n: NotificationCommand = decode(input, |n: &NotificationCommand| &n.subscriber_id)?;
     SubscriberId::parse(&n.subscriber_id)?;
     if n.notification_id.is_empty() {
-        return Err(Refusal::new("notification_id: is required"));
+        return Err(Refusal::invalid("notification_id", "is required"));
     }
     match NotificationKind::try_from(n.kind) {
         Ok(NotificationKind::Unspecified) | Err(_) => {
-            Err(Refusal::new(format!("kind: {} is not a known notification kind", n.kind)))
+            Err(Refusal::invalid("kind", format!("{} is not a known notification kind", n.kind)))
         }
         Ok(NotificationKind::ConfirmationCode) if !n.parameters.contains_key(SEALED_CODE) => {
-            Err(Refusal::new("parameters.code_sealed: a confirmation code is required"))
+            Err(Refusal::invalid("parameters.code_sealed", "a confirmation code is required"))
         }
         Ok(_) => {
             // A code that cannot be opened is refused now, not at each delivery attempt.
@@ -138,19 +131,13 @@ fn validate(input: &Input, key: Option<&CodeKey>) -> Result<NotificationCommand,
 }
 
 impl<C: Channel> Notifier<C> {
-    /// A notifier delivering through `channel` under `policy`, its history in the changelog.
-    pub fn new(channel: C, policy: Policy, kafka: KafkaArgs) -> Self {
-        Self {
-            channel,
-            policy,
-            store: StateStore::new(kafka, topics::NOTIFIER_STATE, apply_whole),
-            next_due: None,
-            code_key: None,
-            concurrency: 16,
-        }
+    /// A notifier delivering through `channel` under `policy`, to one subscriber at a time
+    /// (see [`Notifier::with_concurrency`]).
+    pub fn new(channel: C, policy: Policy) -> Self {
+        Self { channel, policy, code_key: None, concurrency: 1 }
     }
 
-    /// Delivers to at most `n` subscribers at once (default 16).
+    /// Delivers to at most `n` subscribers at once (`NOTIFIER_CONCURRENCY`).
     pub fn with_concurrency(mut self, n: usize) -> Self {
         self.concurrency = n.max(1);
         self
@@ -176,7 +163,7 @@ impl<C: Channel> Notifier<C> {
             Ok(open) => render(&open),
             Err(refusal) => {
                 // Checked when it arrived; a key changed since then is the only way here.
-                tracing::error!(notification_id = %n.notification_id, reason = %refusal.0, "cannot render");
+                tracing::error!(notification_id = %n.notification_id, reason = %refusal, "cannot render");
                 return None;
             }
         };
@@ -280,32 +267,27 @@ impl<C: Channel> Notifier<C> {
     /// Checks `n` against the subscriber's history and records what was decided; receipts
     /// for what is not delivered now go to `out`. Returns what to deliver now.
     fn admit(
-        &mut self,
+        &self,
         input: &Input,
         n: &NotificationCommand,
+        state: &mut SubscriberDeliveries,
         out: &mut Vec<Output>,
     ) -> Option<Pending> {
         // The record's time, so that a replay decides the same way.
         let now = system_time(&input.time());
-        let states = self.store.partition_mut(input.partition);
-        let mut state = states.remove(&n.subscriber_id).unwrap_or_else(|| SubscriberDeliveries {
-            subscriber_id: n.subscriber_id.clone(),
-            ..Default::default()
-        });
-        let mut deliver = None;
-        match self.policy.admit(&state, n, now) {
+        match self.policy.admit(state, n, now) {
             Admission::Duplicate => out.push(suppressed(n, "duplicate notification id")),
             Admission::RateLimited(reason) => {
-                self.policy.remember(&mut state, n, false, now);
+                self.policy.remember(state, n, false, now);
                 out.push(suppressed(n, &reason));
             }
             _ if n.channels.is_empty() => {
-                self.policy.remember(&mut state, n, false, now);
+                self.policy.remember(state, n, false, now);
                 out.push(suppressed(n, "subscriber has no notification channel"));
             }
             Admission::Deferred { until, zone } => {
                 count(&metrics::DEFERRED);
-                self.policy.remember(&mut state, n, true, now);
+                self.policy.remember(state, n, true, now);
                 let until_text = chrono::DateTime::<chrono::Utc>::from(until).with_timezone(&zone);
                 out.push(receipt(
                     n,
@@ -318,151 +300,101 @@ impl<C: Channel> Notifier<C> {
                         until_text.format("%Y-%m-%d %H:%M %Z")
                     ),
                 ));
-                let pending = all_channels(n, until);
-                self.schedule(&pending);
-                state.pending.push(pending);
+                state.pending.push(all_channels(n, until));
             }
             Admission::Deliver => {
-                self.policy.remember(&mut state, n, true, now);
-                deliver = Some(all_channels(n, now));
+                self.policy.remember(state, n, true, now);
+                return Some(all_channels(n, now));
             }
         }
-        self.store.partition_mut(input.partition).insert(n.subscriber_id.clone(), state);
-        deliver
-    }
-
-    fn schedule(&mut self, pending: &Pending) {
-        if let Some(due) = pending.due.as_ref().map(system_time) {
-            self.next_due = Some(self.next_due.map_or(due, |t| t.min(due)));
-        }
+        None
     }
 }
 
+fn is_due(pending: &Pending, now: SystemTime) -> bool {
+    pending.due.as_ref().is_none_or(|d| system_time(d) <= now)
+}
+
 impl<C: Channel> Processor for Notifier<C> {
-    async fn assigned(&mut self, partitions: &BTreeSet<i32>) -> topup_kafka::Result<()> {
-        self.store.restore(partitions).await?;
-        // Look at everything restored on the next tick.
-        self.next_due = Some(SystemTime::UNIX_EPOCH);
-        Ok(())
+    type Event = NotificationCommand;
+    type State = SubscriberDeliveries;
+    type Batch = ();
+    const CHANGELOG: Option<&'static str> = Some(topics::NOTIFIER_STATE);
+
+    fn decode(&self, input: &Input) -> Result<(String, NotificationCommand), Refusal> {
+        let n = validate(input, self.code_key.as_ref())
+            .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        Ok((n.subscriber_id.clone(), n))
     }
 
-    fn revoked(&mut self, partitions: &BTreeSet<i32>) {
-        self.store.revoke(partitions);
-    }
+    async fn begin_batch(&self, _batch: &[Input]) {}
 
-    async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
-        let answer = self.process_batch(std::slice::from_ref(input)).await.pop();
-        out.extend(answer.unwrap_or_else(|| Ok(Vec::new()))?);
-        Ok(())
-    }
-
-    /// Decides every record in order (policy and history, which are quick), then delivers:
-    /// different subscribers at once (at most `concurrency`), each subscriber's messages one
-    /// after the other in their order. A subscriber's history is written once per batch,
-    /// with the answer of their last record (the batch commits as one transaction).
-    async fn process_batch(&mut self, batch: &[Input]) -> Vec<Result<Vec<Output>, Refusal>> {
-        let mut answers = Vec::with_capacity(batch.len());
-        let mut before: HashMap<(i32, String), Option<SubscriberDeliveries>> = HashMap::new();
-        let mut last_of: HashMap<(i32, String), usize> = HashMap::new();
-        let mut deliveries: BTreeMap<(i32, String), Vec<(usize, Pending)>> = BTreeMap::new();
-        for (index, input) in batch.iter().enumerate() {
-            let answer = validate(input, self.code_key.as_ref())
-                .inspect_err(|_| count(&metrics::DEAD_LETTERS))
-                .map(|n| {
-                    let key = (input.partition, n.subscriber_id.clone());
-                    before.entry(key.clone()).or_insert_with(|| {
-                        self.store.partition_mut(input.partition).get(&n.subscriber_id).cloned()
-                    });
-                    last_of.insert(key.clone(), index);
-                    let mut out = Vec::new();
-                    if let Some(pending) = self.admit(input, &n, &mut out) {
-                        deliveries.entry(key).or_default().push((index, pending));
-                    }
-                    out
-                });
-            answers.push(answer);
-        }
-        let this = &*self;
-        let delivered: Vec<((i32, String), Vec<Delivered>)> =
-            futures::stream::iter(deliveries.into_iter().map(|(key, jobs)| async move {
-                let mut done = Vec::with_capacity(jobs.len());
-                for (index, pending) in jobs {
-                    let mut out = Vec::new();
-                    let left = this.attempt(pending, SystemTime::now(), &mut out).await;
-                    done.push((index, out, left));
-                }
-                (key, done)
-            }))
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
-        for ((partition, subscriber), done) in delivered {
-            for (index, out, left) in done {
-                if let Some(Ok(outputs)) = answers.get_mut(index) {
-                    outputs.extend(out);
-                }
-                if let Some(left) = left {
-                    self.schedule(&left);
-                    if let Some(state) = self.store.partition_mut(partition).get_mut(&subscriber) {
-                        state.pending.push(left);
-                    }
-                }
-            }
-        }
-        for (key, index) in last_of {
-            let (partition, subscriber) = &key;
-            let now = self.store.partition_mut(*partition).get(subscriber).cloned();
-            if now.is_some() && before.get(&key).cloned().flatten() != now {
-                if let (Some(state), Some(Ok(outputs))) = (now, answers.get_mut(index)) {
-                    outputs.push(self.store.record(*partition, subscriber, &state));
-                }
-            }
-        }
-        answers
-    }
-
-    async fn tick(&mut self, now: SystemTime) -> Vec<Output> {
+    /// Decides against the history (quick), then delivers. Different subscribers are
+    /// delivered to at once (at most `concurrency`), each subscriber's messages one after
+    /// the other in their order.
+    async fn process(
+        &self,
+        input: &Input,
+        _batch: &(),
+        state: &mut Option<SubscriberDeliveries>,
+        n: NotificationCommand,
+    ) -> Answer {
+        let state = state.get_or_insert_with(|| SubscriberDeliveries {
+            subscriber_id: n.subscriber_id.clone(),
+            ..Default::default()
+        });
         let mut out = Vec::new();
-        if self.next_due.is_none_or(|due| due > now) {
-            return out;
-        }
-        // Take what is due out of the states; note when the rest is due.
-        let mut due = Vec::new();
-        let mut next: Option<SystemTime> = None;
-        for (partition, states) in self.store.partitions_mut() {
-            for (subscriber, state) in states.iter_mut() {
-                let (ready, waiting): (Vec<Pending>, Vec<Pending>) =
-                    std::mem::take(&mut state.pending)
-                        .into_iter()
-                        .partition(|p| p.due.as_ref().is_none_or(|d| system_time(d) <= now));
-                for p in &waiting {
-                    if let Some(d) = p.due.as_ref().map(system_time) {
-                        next = Some(next.map_or(d, |t| t.min(d)));
-                    }
-                }
-                state.pending = waiting;
-                if !ready.is_empty() {
-                    due.push((partition, subscriber.clone(), ready));
-                }
+        if let Some(pending) = self.admit(input, &n, state, &mut out) {
+            if let Some(left) = self.attempt(pending, SystemTime::now(), &mut out).await {
+                state.pending.push(left);
             }
         }
-        self.next_due = next;
-        for (partition, subscriber, ready) in due {
-            let mut left = Vec::new();
-            for pending in ready {
-                if let Some(rest) = self.attempt(pending, now, &mut out).await {
-                    left.push(rest);
-                }
+        Ok(out)
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
+    }
+
+    fn due(&self, state: &SubscriberDeliveries, now: SystemTime) -> bool {
+        state.pending.iter().any(|p| is_due(p, now))
+    }
+
+    /// Delivers what was held over quiet hours or waits for a retry, once it is due.
+    async fn on_due(
+        &self,
+        _key: &str,
+        state: &mut Option<SubscriberDeliveries>,
+        now: SystemTime,
+    ) -> Vec<Output> {
+        let mut out = Vec::new();
+        let Some(state) = state.as_mut() else { return out };
+        let (ready, waiting): (Vec<Pending>, Vec<Pending>) =
+            std::mem::take(&mut state.pending).into_iter().partition(|p| is_due(p, now));
+        state.pending = waiting;
+        for pending in ready {
+            if let Some(rest) = self.attempt(pending, now, &mut out).await {
+                state.pending.push(rest);
             }
-            for pending in &left {
-                self.schedule(pending);
-            }
-            let states = self.store.partition_mut(partition);
-            let Some(state) = states.get_mut(&subscriber) else { continue };
-            state.pending.extend(left);
-            let state = state.clone();
-            out.push(self.store.record(partition, &subscriber, &state));
         }
         out
+    }
+
+    fn state_records(
+        &self,
+        key: &str,
+        before: Option<&SubscriberDeliveries>,
+        after: Option<&SubscriberDeliveries>,
+    ) -> Vec<StateRecord> {
+        whole_state_records(key, before, after)
+    }
+
+    fn restore_record(
+        &self,
+        states: &mut HashMap<String, SubscriberDeliveries>,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> Result<(), String> {
+        restore_whole(states, key, value)
     }
 }

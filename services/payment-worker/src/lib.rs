@@ -147,26 +147,7 @@ impl Config {
     /// Defaults, connected to `kafka`. No gateway is chosen ([`Config::gateway()`] refuses
     /// until one is); tests and the embedded demo hand theirs to [`run`].
     pub fn new(kafka: KafkaArgs) -> Self {
-        Self {
-            kafka,
-            ops: topup_kafka::OpsArgs::default(),
-            group_id: "topup-payment-worker".into(),
-            transactional_id: None,
-            gateway: None,
-            gateway_url: None,
-            gateway_secret: None,
-            gateway_secret_file: None,
-            gateway_timeout_ms: 5_000,
-            max_single_charge_minor: 100_000,
-            max_attempts: 6,
-            initial_backoff_ms: 500,
-            max_backoff_ms: 10_000,
-            retry_deadline_secs: 300,
-            max_command_age: CommandAges::default(),
-            key_retention_secs: 86_400,
-            concurrency: 32,
-            max_batch: 100,
-        }
+        Self { kafka, ..topup_kafka::clap_defaults() }
     }
 
     /// The retry schedule these settings describe.

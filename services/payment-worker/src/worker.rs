@@ -14,17 +14,16 @@
 //! key, derived from the command's key and the method's stable id; and a charge is made
 //! only while the rule (as read from `topup.rules.v1` by [`RuleView`]) is active and holds
 //! the method, and the command is younger than its rail's bound.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, SystemTime};
 
-use futures::StreamExt;
 use topup_domain::{
     mask_token, method_idempotency_key, notification_id, Currency, Money, SubscriberId, YearMonth,
 };
 use topup_kafka::{
-    dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output, Processor,
-    Refusal,
+    dead_letter, decode, now_timestamp, system_time, timestamp_of, Answer, Input, Output,
+    Processor, Refusal,
 };
 use topup_proto::payment::v1::ChargeRetry;
 use topup_proto::topics;
@@ -39,8 +38,13 @@ use crate::rules::{method_id_of, RuleView};
 
 const SERVICE: &str = "topup-payment-worker";
 
-/// What one input record gives: its outputs, or why it was refused.
-type Answer = Result<Vec<Output>, Refusal>;
+/// A record of either lane, decoded.
+pub enum Lane {
+    /// A new command from the evaluator.
+    Command(Box<TopUpCommand>),
+    /// A charge parked for a retry.
+    Retry(Box<ChargeRetry>),
+}
 
 /// Retry schedule for transient gateway errors, as data.
 #[derive(Debug, Clone, Copy)]
@@ -53,17 +57,6 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// No retry is scheduled later than this after the command first arrived.
     pub deadline: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            max_attempts: 6,
-            initial_backoff: Duration::from_millis(500),
-            max_backoff: Duration::from_secs(10),
-            deadline: Duration::from_secs(300),
-        }
-    }
 }
 
 impl RetryPolicy {
@@ -217,17 +210,12 @@ impl<G: PaymentGateway> PaymentWorker<G> {
 
     /// One record of either lane, to what it produces. `rules_current`: the rule view has
     /// read every rule change committed before this batch.
-    async fn handle(&self, input: &Input, rules_current: bool) -> Answer {
-        let charge = if input.topic == topics::PAYMENT_RETRIES {
-            let retry: ChargeRetry = decode(input, |r: &ChargeRetry| {
-                r.command.as_ref().map_or("", |c| &c.subscriber_id)
-            })
-            .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
-            self.resume(retry).inspect_err(|_| count(&metrics::DEAD_LETTERS))?
-        } else {
-            let command: TopUpCommand = decode(input, |c: &TopUpCommand| &c.subscriber_id)
-                .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
-            match self.start(command) {
+    async fn handle(&self, input: &Input, lane: Lane, rules_current: bool) -> Answer {
+        let charge = match lane {
+            Lane::Retry(retry) => {
+                self.resume(*retry).inspect_err(|_| count(&metrics::DEAD_LETTERS))?
+            }
+            Lane::Command(command) => match self.start(*command) {
                 Ok(charge) => charge,
                 Err(Unchargeable::Malformed(refusal)) => {
                     count(&metrics::DEAD_LETTERS);
@@ -251,7 +239,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                     out.push(dead_letter(input, SERVICE, &reason));
                     return Ok(out);
                 }
-            }
+            },
         };
         let subscriber = charge.subscriber.clone();
         let locale_channels = (charge.command.locale.clone(), charge.command.channels.clone());
@@ -287,13 +275,16 @@ impl<G: PaymentGateway> PaymentWorker<G> {
     /// A new command, checked before any money moves.
     fn start(&self, command: TopUpCommand) -> Result<Charge, Unchargeable> {
         let subscriber = SubscriberId::parse(&command.subscriber_id).map_err(Refusal::from)?;
-        if command.command_id.is_empty() || command.idempotency_key.is_empty() {
-            return Err(Refusal::new("command_id and idempotency_key are required").into());
+        if command.command_id.is_empty() {
+            return Err(Refusal::invalid("command_id", "is required").into());
+        }
+        if command.idempotency_key.is_empty() {
+            return Err(Refusal::invalid("idempotency_key", "is required").into());
         }
         let amount = command
             .amount
             .as_ref()
-            .ok_or_else(|| Refusal::new("amount: is required"))
+            .ok_or_else(|| Refusal::invalid("amount", "is required"))
             .and_then(|a| Money::try_from(a).map_err(|e| Refusal::from(e.within("amount"))))?;
         let mut result = TopUpResult {
             command_id: command.command_id.clone(),
@@ -340,20 +331,20 @@ impl<G: PaymentGateway> PaymentWorker<G> {
 
     /// A parked charge from the retry lane, once its backoff has passed.
     fn resume(&self, retry: ChargeRetry) -> Result<Charge, Refusal> {
-        let command = retry.command.ok_or_else(|| Refusal::new("command: is required"))?;
+        let command = retry.command.ok_or_else(|| Refusal::invalid("command", "is required"))?;
         let subscriber = SubscriberId::parse(&command.subscriber_id)?;
         let amount = command
             .amount
             .as_ref()
-            .ok_or_else(|| Refusal::new("command.amount: is required"))
+            .ok_or_else(|| Refusal::invalid("command.amount", "is required"))
             .and_then(|a| {
                 Money::try_from(a).map_err(|e| Refusal::from(e.within("command.amount")))
             })?;
         let result =
-            retry.result_so_far.ok_or_else(|| Refusal::new("result_so_far: is required"))?;
+            retry.result_so_far.ok_or_else(|| Refusal::invalid("result_so_far", "is required"))?;
         if usize::try_from(retry.method_index).map_or(true, |i| i >= command.payment_methods.len())
         {
-            return Err(Refusal::new("method_index: beyond the command's payment methods"));
+            return Err(Refusal::invalid("method_index", "beyond the command's payment methods"));
         }
         // Parked before this version (no first attempt time): it was parked for any
         // transient error, timeouts included, so it may have charged: resolve it first.
@@ -607,18 +598,8 @@ impl<G: PaymentGateway> PaymentWorker<G> {
 
     /// Waits until a parked charge is due (bounded by the longest backoff, in case a
     /// clock or a record is off).
-    async fn wait_until_due(&self, input: &Input) {
-        if input.topic != topics::PAYMENT_RETRIES {
-            return;
-        }
-        let Some(due) = input
-            .payload
-            .as_deref()
-            .and_then(|p| <ChargeRetry as topup_proto::Message>::decode(p).ok())
-            .and_then(|r| r.not_before)
-        else {
-            return;
-        };
+    async fn wait_until_due(&self, retry: &ChargeRetry) {
+        let Some(due) = retry.not_before else { return };
         let wait = system_time(&due)
             .duration_since(SystemTime::now())
             .unwrap_or_default()
@@ -835,50 +816,60 @@ fn notify(
 }
 
 impl<G: PaymentGateway> Processor for PaymentWorker<G> {
-    async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
-        self.wait_until_due(input).await;
-        let rules_current = self.rules.caught_up(RULES_CATCH_UP).await;
-        out.extend(self.handle(input, rules_current).await?);
-        Ok(())
+    type Event = Lane;
+    /// Nothing is kept per subscriber (the rules are read by [`RuleView`]).
+    type State = ();
+    /// Whether the rule view has read every rule change committed before the batch.
+    type Batch = bool;
+
+    fn decode(&self, input: &Input) -> Result<(String, Lane), Refusal> {
+        let lane = if input.topic == topics::PAYMENT_RETRIES {
+            decode(input, |r: &ChargeRetry| r.command.as_ref().map_or("", |c| &c.subscriber_id))
+                .map(|retry| Lane::Retry(Box::new(retry)))
+        } else {
+            decode(input, |c: &TopUpCommand| &c.subscriber_id)
+                .map(|command| Lane::Command(Box::new(command)))
+        }
+        .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        let subscriber = match &lane {
+            Lane::Command(command) => command.subscriber_id.clone(),
+            Lane::Retry(retry) => {
+                retry.command.as_ref().map(|c| c.subscriber_id.clone()).unwrap_or_default()
+            }
+        };
+        Ok((subscriber, lane))
+    }
+
+    /// Every rule change committed before now is read before any charge of the batch.
+    async fn begin_batch(&self, batch: &[Input]) -> bool {
+        if batch.iter().any(|i| i.topic != topics::PAYMENT_RETRIES) {
+            self.rules.caught_up(RULES_CATCH_UP).await
+        } else {
+            false
+        }
     }
 
     /// Subscribers are charged concurrently (up to `concurrency`), each subscriber's
     /// records in order: a gateway that is slow for one subscriber delays only that one.
-    async fn process_batch(&mut self, batch: &[Input]) -> Vec<Answer> {
-        let mut by_subscriber: BTreeMap<&[u8], Vec<usize>> = BTreeMap::new();
-        for (index, input) in batch.iter().enumerate() {
-            by_subscriber.entry(input.key.as_deref().unwrap_or_default()).or_default().push(index);
-        }
-        // Every rule change committed before now is read before any charge of the batch.
-        let rules_current = if batch.iter().any(|i| i.topic != topics::PAYMENT_RETRIES) {
-            self.rules.caught_up(RULES_CATCH_UP).await
-        } else {
-            false
+    async fn process(
+        &self,
+        input: &Input,
+        rules_current: &bool,
+        _state: &mut Option<()>,
+        lane: Lane,
+    ) -> Answer {
+        let current = match &lane {
+            Lane::Retry(retry) => {
+                self.wait_until_due(retry).await;
+                // A parked charge waited: read the rules again up to now.
+                self.rules.caught_up(RULES_CATCH_UP).await
+            }
+            Lane::Command(_) => *rules_current,
         };
-        let this = &*self;
-        let answered: Vec<Vec<(usize, Answer)>> =
-            futures::stream::iter(by_subscriber.into_values().map(|indices| async move {
-                let mut answers = Vec::with_capacity(indices.len());
-                for index in indices {
-                    let input = &batch[index];
-                    this.wait_until_due(input).await;
-                    // A parked charge waited: read the rules again up to now.
-                    let current = if input.topic == topics::PAYMENT_RETRIES {
-                        this.rules.caught_up(RULES_CATCH_UP).await
-                    } else {
-                        rules_current
-                    };
-                    answers.push((index, this.handle(input, current).await));
-                }
-                answers
-            }))
-            .buffer_unordered(self.concurrency)
-            .collect()
-            .await;
-        let mut answers: Vec<Option<Answer>> = vec![None; batch.len()];
-        for (index, answer) in answered.into_iter().flatten() {
-            answers[index] = Some(answer);
-        }
-        answers.into_iter().flatten().collect()
+        self.handle(input, lane, current).await
+    }
+
+    fn concurrency(&self) -> usize {
+        self.concurrency
     }
 }

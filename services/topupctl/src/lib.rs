@@ -12,6 +12,7 @@ use rdkafka::message::Message as _;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use topup_domain::{Currency, Money};
+use topup_evaluator::changelog::{keys_of as evaluator_keys, rule_key_subscriber};
 use topup_kafka::{read_partition_to_end, KafkaArgs, TopicSpec};
 use topup_proto::v1::{BalanceUpdated, DeadLetter, RuleUpdated};
 use topup_proto::{topics, Message};
@@ -147,7 +148,9 @@ fn to_json(topic: &str, key: &str, value: &[u8]) -> anyhow::Result<serde_json::V
         topics::RESULTS => json::<v::TopUpResult>(value),
         topics::DELIVERIES => json::<v::DeliveryReceipt>(value),
         topics::DLQ => json::<v::DeadLetter>(value),
-        topics::EVALUATOR_STATE if key.ends_with(" rule") => json::<v::AutoTopUpRule>(value),
+        topics::EVALUATOR_STATE if rule_key_subscriber(key).is_some() => {
+            json::<v::AutoTopUpRule>(value)
+        }
         topics::EVALUATOR_STATE => json::<topup_proto::evaluator::v1::SubscriberState>(value),
         topics::PAYMENT_RETRIES => json::<topup_proto::payment::v1::ChargeRetry>(value),
         topics::NOTIFIER_STATE => json::<topup_proto::notifier::v1::SubscriberDeliveries>(value),
@@ -391,7 +394,7 @@ pub async fn run(cli: Cli, out: &mut (impl Write + Send)) -> anyhow::Result<()> 
         Command::State { subscriber } => {
             let mut found = serde_json::Map::new();
             for (topic, keys) in [
-                (topics::EVALUATOR_STATE, vec![subscriber.clone(), format!("{subscriber} rule")]),
+                (topics::EVALUATOR_STATE, evaluator_keys(&subscriber).to_vec()),
                 (topics::NOTIFIER_STATE, vec![subscriber.clone()]),
             ] {
                 for record in read_topic(&kafka, topic)? {

@@ -37,7 +37,9 @@ use tokio_util::sync::CancellationToken;
 use topup::brokers::{BrokerKind, Brokers};
 use topup::simulator::rule_for;
 use topup_evaluator::decide::{decide, Event, Settings, SubscriberState};
-use topup_kafka::{run_pipeline, Input, KafkaArgs, Output, PipelineSpec, Processor, Refusal};
+use topup_kafka::{
+    run_pipeline, Answer, Input, KafkaArgs, Output, PipelineSpec, Processor, Refusal,
+};
 use topup_notifier::channel::{Channel, ChannelError, Delivery};
 use topup_proto::v1::{
     auto_top_up_rule::TopUp, AutoTopUpRule, BalanceUpdated, Money, PaymentMethod,
@@ -115,15 +117,24 @@ enum Phase {
 struct Forward;
 
 impl Processor for Forward {
-    async fn process(&mut self, input: &Input, out: &mut Vec<Output>) -> Result<(), Refusal> {
-        out.push(Output {
+    type Event = ();
+    type State = ();
+    type Batch = ();
+
+    fn decode(&self, input: &Input) -> Result<(String, ()), Refusal> {
+        Ok((input.key_str().unwrap_or_default().to_string(), ()))
+    }
+
+    async fn begin_batch(&self, _batch: &[Input]) {}
+
+    async fn process(&self, input: &Input, _: &(), _: &mut Option<()>, _: ()) -> Answer {
+        Ok(vec![Output {
             topic: SINK,
             partition: None,
             key: input.key.clone().unwrap_or_default(),
             payload: input.payload.clone(),
             headers: Vec::new(),
-        });
-        Ok(())
+        }])
     }
 }
 

@@ -1,0 +1,108 @@
+//! The evaluator's changelog, `topup.evaluator-state.v1`: under which keys a subscriber's
+//! state is written and how its records fold back into states. The one place that knows
+//! the key scheme; `topupctl` reads the changelog through it.
+//!
+//! A subscriber's state is two records: the rule under `"<subscriber> rule"`, written only
+//! when the rule changes, and everything else under `"<subscriber>"` (see
+//! [`SubscriberState::encode_record`]), so that a balance event — the common case — writes
+//! a small record, not the rule again. A space never occurs in a subscriber id.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use topup_domain::{Rule, SubscriberId};
+use topup_kafka::StateRecord;
+use topup_proto::evaluator::v1 as changelog;
+use topup_proto::v1 as wire;
+use topup_proto::Message;
+
+use crate::decide::SubscriberState;
+
+/// Suffix of the key holding a subscriber's rule.
+const RULE_KEY_SUFFIX: &str = " rule";
+
+/// The changelog key of `subscriber`'s rule.
+pub fn rule_key(subscriber: &str) -> String {
+    format!("{subscriber}{RULE_KEY_SUFFIX}")
+}
+
+/// Every changelog key a subscriber's state is written under.
+pub fn keys_of(subscriber: &str) -> [String; 2] {
+    [subscriber.to_string(), rule_key(subscriber)]
+}
+
+/// The subscriber whose rule `key` holds, when it is a rule key.
+pub fn rule_key_subscriber(key: &str) -> Option<&str> {
+    key.strip_suffix(RULE_KEY_SUFFIX)
+}
+
+/// The records that bring `subscriber`'s changelog from `before` to `after`.
+pub(crate) fn records(
+    subscriber: &str,
+    before: Option<&SubscriberState>,
+    after: Option<&SubscriberState>,
+) -> Vec<StateRecord> {
+    let Some(after) = after else {
+        return match before {
+            Some(_) => keys_of(subscriber).into_iter().map(|key| (key, None)).collect(),
+            None => Vec::new(),
+        };
+    };
+    let mut records = Vec::new();
+    if before.is_none_or(|before| after.differs_from(before)) {
+        records.push((subscriber.to_string(), Some(after.encode_record())));
+    }
+    let rule_changed = match (before.and_then(|b| b.rule.as_ref()), &after.rule) {
+        (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+        (None, None) => false,
+        _ => true,
+    };
+    if rule_changed {
+        let value = after.rule.as_ref().map(|rule| rule.wire.encode_to_vec());
+        records.push((rule_key(subscriber), value));
+    }
+    records
+}
+
+/// Folds one changelog record into a partition's states.
+pub(crate) fn apply(
+    states: &mut HashMap<String, SubscriberState>,
+    key: &str,
+    value: Option<&[u8]>,
+) -> Result<(), String> {
+    if let Some(subscriber) = rule_key_subscriber(key) {
+        let rule = match value {
+            None => None,
+            Some(bytes) => {
+                let raw = wire::AutoTopUpRule::decode(bytes).map_err(|e| e.to_string())?;
+                Some(Arc::new(Rule::try_from(&raw).map_err(|e| e.to_string())?))
+            }
+        };
+        match states.get_mut(subscriber) {
+            Some(state) => state.rule = rule,
+            None => {
+                let id = SubscriberId::parse(subscriber).map_err(|e| e.to_string())?;
+                let mut state = SubscriberState::new(id);
+                state.rule = rule;
+                states.insert(subscriber.to_string(), state);
+            }
+        }
+        return Ok(());
+    }
+    let Some(bytes) = value else {
+        states.remove(key);
+        return Ok(());
+    };
+    let mut record = changelog::SubscriberState::decode(bytes).map_err(|e| e.to_string())?;
+    if record.subscriber_id.is_empty() {
+        // Left out when written: it is the key.
+        record.subscriber_id = key.to_string();
+    }
+    let mut state = SubscriberState::try_from(&record).map_err(|e| e.to_string())?;
+    // Records without a rule leave the rule written under its own key in place (records
+    // written before the split carry their rule and replace it).
+    if record.rule.is_none() {
+        state.rule = states.get(key).and_then(|s| s.rule.clone());
+    }
+    states.insert(key.to_string(), state);
+    Ok(())
+}
