@@ -55,7 +55,7 @@ pub struct Config {
     pub database_url: String,
 
     /// HS256 key that bearer tokens are signed with (at least 32 bytes).
-    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true, value_parser = secret)]
+    #[arg(long, env = "API_JWT_SECRET", hide_env_values = true, value_parser = topup_kafka::parse_secret)]
     pub jwt_secret: Option<SecretString>,
 
     /// File holding API_JWT_SECRET (a mounted secret).
@@ -64,7 +64,7 @@ pub struct Config {
 
     /// Key shared with the notifier: seals confirmation codes in records, keys their hashes
     /// (64 hex digits, e.g. `openssl rand -hex 32`).
-    #[arg(long, env = "CONFIRMATION_CODE_KEY", hide_env_values = true, value_parser = code_key)]
+    #[arg(long, env = "CONFIRMATION_CODE_KEY", hide_env_values = true, value_parser = CodeKey::from_hex)]
     pub code_key: Option<CodeKey>,
 
     /// File holding CONFIRMATION_CODE_KEY.
@@ -104,14 +104,6 @@ pub struct Config {
     pub history_group: String,
 }
 
-fn secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
-    Ok(SecretString::from(raw.to_string()))
-}
-
-fn code_key(raw: &str) -> Result<CodeKey, String> {
-    CodeKey::from_hex(raw).map_err(|e| e.to_string())
-}
-
 impl Config {
     /// Defaults, with `kafka`, the secrets and the database given.
     pub fn new(kafka: KafkaArgs, database_url: &str, jwt_secret: &str, code_key: CodeKey) -> Self {
@@ -125,15 +117,16 @@ impl Config {
     }
 
     fn jwt_secret(&self) -> anyhow::Result<Vec<u8>> {
-        let secret = match (&self.jwt_secret, &self.jwt_secret_file) {
-            (Some(secret), _) => secret.expose_secret().as_bytes().to_vec(),
-            (None, Some(path)) => std::fs::read_to_string(path)
-                .with_context(|| format!("API_JWT_SECRET_FILE {}", path.display()))?
-                .trim()
-                .as_bytes()
-                .to_vec(),
-            (None, None) => anyhow::bail!("API_JWT_SECRET (or API_JWT_SECRET_FILE) is required"),
-        };
+        let secret = topup_kafka::secret_or_file(
+            self.jwt_secret.as_ref(),
+            self.jwt_secret_file.as_deref(),
+            "API_JWT_SECRET",
+        )
+        .map_err(anyhow::Error::msg)?
+        .context("API_JWT_SECRET (or API_JWT_SECRET_FILE) is required")?
+        .expose_secret()
+        .as_bytes()
+        .to_vec();
         anyhow::ensure!(secret.len() >= 32, "API_JWT_SECRET must be at least 32 bytes");
         Ok(secret)
     }
@@ -141,10 +134,11 @@ impl Config {
     fn key(&self) -> anyhow::Result<CodeKey> {
         match (&self.code_key, &self.code_key_file) {
             (Some(key), _) => Ok(key.clone()),
-            (None, Some(path)) => Ok(CodeKey::from_hex(
-                &std::fs::read_to_string(path)
-                    .with_context(|| format!("CONFIRMATION_CODE_KEY_FILE {}", path.display()))?,
-            )?),
+            (None, Some(path)) => {
+                let text = topup_kafka::read_secret_file(path, "CONFIRMATION_CODE_KEY_FILE")
+                    .map_err(anyhow::Error::msg)?;
+                Ok(CodeKey::from_hex(text.expose_secret())?)
+            }
             (None, None) => {
                 anyhow::bail!("CONFIRMATION_CODE_KEY (or CONFIRMATION_CODE_KEY_FILE) is required")
             }

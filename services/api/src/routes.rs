@@ -15,11 +15,9 @@ use prost::Message as _;
 use rdkafka::producer::FutureRecord;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use topup_domain::{Money, Rule, SubscriberId, ValidationError};
+use topup_domain::{Money, Notice, Rule, SubscriberId, ValidationError};
 use topup_proto::topics;
-use topup_proto::v1::{
-    AutoTopUpRule, NotificationCommand, NotificationKind, RuleState, RuleUpdated,
-};
+use topup_proto::v1::{AutoTopUpRule, NotificationKind, RuleState, RuleUpdated};
 
 use crate::auth::{authorize, Access};
 use crate::error::ApiError;
@@ -183,28 +181,18 @@ pub(crate) async fn put_draft(
         version: existing.as_ref().map_or(0, |d| d.version),
         updated_at_ms: now,
     };
-    let notification = NotificationCommand {
-        notification_id: uuid::Uuid::new_v5(
-            &uuid::Uuid::NAMESPACE_OID,
-            format!("confirmation-code/{}/{}", subscriber, draft.code_hash).as_bytes(),
-        )
-        .to_string(),
-        subscriber_id: subscriber.to_string(),
-        kind: NotificationKind::ConfirmationCode as i32,
-        locale: rule.locale.clone(),
-        channels: draft.rule.channels.clone(),
-        parameters: [
-            (
-                topup_domain::SEALED_CODE_PARAMETER.to_string(),
+    let about = format!("confirmation-code/{}", draft.code_hash);
+    let minutes = (app.settings.code_ttl.as_secs() / 60).max(1);
+    let notification =
+        Notice::new(NotificationKind::ConfirmationCode, &subscriber, &about, timestamp(now))
+            .to(&rule.locale, &draft.rule.channels)
+            .urgent(true)
+            .parameter(
+                topup_domain::SEALED_CODE_PARAMETER,
                 app.code_key.seal(subscriber.as_str(), &code),
-            ),
-            ("minutes".to_string(), (app.settings.code_ttl.as_secs() / 60).max(1).to_string()),
-        ]
-        .into(),
-        urgent: true,
-        created_at: Some(timestamp(now)),
-        ..Default::default()
-    };
+            )
+            .parameter("minutes", minutes.to_string())
+            .build();
     let mut tx = app.db.pool().begin().await?;
     if !Db::save_draft(&mut tx, &draft).await? {
         return Err(ApiError::conflict("the draft was changed by another request; try again"));

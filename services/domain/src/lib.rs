@@ -10,6 +10,7 @@ mod ids;
 mod limits;
 mod mask;
 mod money;
+mod notice;
 mod outcome;
 mod rule;
 mod signing;
@@ -24,6 +25,7 @@ pub use ids::{
 pub use limits::{CarrierLimits, ChargeRange, LimitsSyntax};
 pub use mask::{mask_contact, mask_token};
 pub use money::{Currency, Money};
+pub use notice::Notice;
 pub use outcome::{OutcomeStatus, TopUpOutcome};
 pub use rule::{Channel, MonthlyTopUp, PaymentMethod, Rule, RuleState, TopUpAmount, YearMonth};
 pub use signing::request_signature;

@@ -6,11 +6,10 @@
 //! for a new crossing or a rule change; caps count per UTC day and UTC calendar month;
 //! stale balance events change nothing; without an active rule a low balance gets one
 //! reminder per crossing of the reminder level.
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use topup_domain::{
-    command_id, idempotency_key, monthly_command_id, notification_id, BalanceObservation, Money,
+    command_id, idempotency_key, monthly_command_id, BalanceObservation, Money, Notice,
     OutcomeStatus, Rule, RuleState, SubscriberId, TopUpOutcome, ValidationError, YearMonth,
 };
 use topup_proto::v1::{NotificationCommand, NotificationKind, TopUpCommand, TopUpTrigger};
@@ -330,13 +329,9 @@ pub fn decide(
                     skip_passed_monthly(&mut state, &rule, &now);
                 }
                 if rule.is_active() && !was_active {
-                    effects.push(Effect::Notify(notify(
-                        &state,
-                        &rule,
-                        NotificationKind::RuleActivated,
-                        origin,
-                        now,
-                    )));
+                    let activated =
+                        notify(&state, &rule, NotificationKind::RuleActivated, origin, now);
+                    effects.push(Effect::Notify(activated.build()));
                 }
                 state.rule = Some(Arc::new(rule));
             }
@@ -427,13 +422,11 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
     if over_day || over_month {
         let window = if over_day { format!("day:{day}") } else { format!("month:{month}") };
         if state.cap_notified_window != window {
-            let mut notification = notify(state, rule, NotificationKind::CapReached, &window, now);
-            notification.amount = Some(amount.to_wire());
-            notification.parameters.insert(
-                "cap".into(),
-                if over_day { "max_topups_per_day" } else { "max_amount_per_month" }.into(),
-            );
-            effects.push(Effect::Notify(notification));
+            let cap = if over_day { "max_topups_per_day" } else { "max_amount_per_month" };
+            let notification = notify(state, rule, NotificationKind::CapReached, &window, now)
+                .amount(Some(amount))
+                .parameter("cap", cap);
+            effects.push(Effect::Notify(notification.build()));
             state.cap_notified_window = window;
         }
         return;
@@ -507,10 +500,10 @@ fn command_effects(
         trigger: TopUpTrigger::Threshold as i32,
         rule_version,
     };
-    let mut started = notify(state, rule, NotificationKind::TopUpStarted, id, now);
-    started.command_id = id.to_string();
-    started.amount = Some(amount.to_wire());
-    (command, started)
+    let started = notify(state, rule, NotificationKind::TopUpStarted, id, now)
+        .command(id)
+        .amount(Some(amount));
+    (command, started.build())
 }
 
 /// The effects of the top-up in flight once more, when the record that issued it is read a
@@ -627,23 +620,16 @@ pub fn credit_overdue(
     else {
         return (state, None);
     };
-    let kind = NotificationKind::TopUpNotCredited;
-    let mut notice = NotificationCommand {
-        notification_id: notification_id(&state.subscriber, &watch.command_id, kind.as_str_name()),
-        subscriber_id: state.subscriber.to_string(),
-        kind: kind as i32,
-        locale: "en".into(),
-        urgent: true,
-        created_at: Some(now),
-        command_id: watch.command_id.clone(),
-        amount: Some(watch.amount.to_wire()),
-        balance: state.balance.as_ref().map(|b| b.money.to_wire()),
-        ..Default::default()
-    };
+    let mut notice =
+        Notice::new(NotificationKind::TopUpNotCredited, &state.subscriber, &watch.command_id, now)
+            .urgent(true)
+            .command(&watch.command_id)
+            .amount(Some(watch.amount))
+            .balance(state.balance.as_ref().map(|b| b.money));
     if let Some(rule) = &state.rule {
-        notice.locale = rule.locale.clone();
-        notice.channels = rule.wire.channels.clone();
+        notice = notice.to(&rule.locale, &rule.wire.channels);
     }
+    let notice = notice.build();
     if let Some(watch) = state.credit_watch.as_mut() {
         watch.raised = true;
     }
@@ -728,10 +714,10 @@ pub fn on_day(mut state: SubscriberState, now: Timestamp) -> (SubscriberState, V
                 method.label.clone()
             };
             let about = format!("expiring/{}/{expires}", topup_domain::mask_token(&method.token));
-            let mut n = notify(&state, &rule, NotificationKind::PaymentMethodExpiring, &about, now);
-            n.parameters.insert("method".into(), shown);
-            n.parameters.insert("expires".into(), expires.to_string());
-            effects.push(Effect::Notify(n));
+            let n = notify(&state, &rule, NotificationKind::PaymentMethodExpiring, &about, now)
+                .parameter("method", shown)
+                .parameter("expires", expires.to_string());
+            effects.push(Effect::Notify(n.build()));
             state.expiry_reminded.push(key);
         }
     }
@@ -758,22 +744,13 @@ fn remind_if_due(
         return;
     }
     state.reminder_armed = false;
-    let kind = NotificationKind::LowBalance;
-    let mut reminder = NotificationCommand {
-        notification_id: notification_id(&state.subscriber, origin, kind.as_str_name()),
-        subscriber_id: state.subscriber.to_string(),
-        kind: kind as i32,
-        locale: "en".into(),
-        created_at: Some(now),
-        balance: Some(balance.money.to_wire()),
-        threshold: Some(Money::new(balance.money.currency, level).to_wire()),
-        parameters: HashMap::new(),
-        ..Default::default()
-    };
+    let mut reminder = Notice::new(NotificationKind::LowBalance, &state.subscriber, origin, now)
+        .balance(Some(balance.money))
+        .threshold(Some(Money::new(balance.money.currency, level)));
     if let Some(rule) = &state.rule {
-        reminder.locale = rule.locale.clone();
-        reminder.channels = rule.wire.channels.clone();
+        reminder = reminder.to(&rule.locale, &rule.wire.channels);
     }
+    let reminder = reminder.build();
     effects.push(Effect::Notify(reminder));
 }
 
@@ -783,21 +760,11 @@ fn notify(
     kind: NotificationKind,
     about: &str,
     now: Timestamp,
-) -> NotificationCommand {
-    NotificationCommand {
-        notification_id: notification_id(&state.subscriber, about, kind.as_str_name()),
-        subscriber_id: state.subscriber.to_string(),
-        kind: kind as i32,
-        locale: rule.locale.clone(),
-        channels: rule.wire.channels.clone(),
-        parameters: HashMap::new(),
-        urgent: false,
-        created_at: Some(now),
-        command_id: String::new(),
-        amount: None,
-        balance: state.balance.as_ref().map(|b| b.money.to_wire()),
-        threshold: Some(rule.threshold.to_wire()),
-    }
+) -> Notice {
+    Notice::new(kind, &state.subscriber, about, now)
+        .to(&rule.locale, &rule.wire.channels)
+        .balance(state.balance.as_ref().map(|b| b.money))
+        .threshold(Some(rule.threshold))
 }
 
 #[cfg(test)]

@@ -1,6 +1,8 @@
 //! Kafka client settings, the same for the mock cluster and a real broker.
 use rdkafka::ClientConfig;
 
+use crate::clap_defaults;
+
 /// The Java client's default partitioner: a subscriber's records land on the same partition
 /// number whichever client (ours, a carrier's Java integration) produced them, which keeps
 /// the evaluator's input topics co-partitioned.
@@ -143,24 +145,6 @@ impl KafkaArgs {
             .set("partitioner", PARTITIONER)
             .set("linger.ms", "1");
         config
-    }
-}
-
-/// The settings `T` holds when nothing is given: each field's clap `default_value` — the one
-/// place a default is written — with neither the command line nor the environment read.
-/// What each service's `Config::new` starts from, so that tests and the embedded platform
-/// run with the defaults `--help` shows.
-pub fn clap_defaults<T: clap::Args + clap::FromArgMatches>() -> T {
-    let command = T::augment_args(clap::Command::new("defaults").no_binary_name(true))
-        .mut_args(|arg| arg.env(None));
-    let parsed = command
-        .try_get_matches_from(std::iter::empty::<String>())
-        .and_then(|matches| T::from_arg_matches(&matches));
-    match parsed {
-        Ok(settings) => settings,
-        // Only a required field without a default gets here: a mistake in the settings'
-        // definition, which every test building them shows at once.
-        Err(error) => panic!("settings without a default for a required field: {error}"),
     }
 }
 

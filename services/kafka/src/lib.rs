@@ -11,10 +11,11 @@ mod record;
 mod refusal;
 mod restore;
 mod runtime;
+mod settings;
 pub mod telemetry;
 mod topics;
 
-pub use config::{clap_defaults, KafkaArgs};
+pub use config::KafkaArgs;
 pub use error::{Error, Result};
 pub use ops::{health, pipeline_metrics, registry, spawn_ops, OpsArgs};
 pub use pipeline::{run_pipeline, PipelineSpec};
@@ -28,4 +29,5 @@ pub use record::{
 pub use refusal::Refusal;
 pub use restore::read_partition_to_end;
 pub use runtime::{finish_service, init_logging, instance_id, shutdown_on_signal, start_service};
+pub use settings::{clap_defaults, parse_secret, read_secret_file, secret_or_file};
 pub use topics::{create_topics, create_topics_on_mock, TopicSpec, DEFAULT_PARTITIONS};

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
 use topup_domain::CodeKey;
 use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
@@ -65,7 +65,7 @@ pub struct Config {
     pub smtp_username: Option<String>,
 
     /// SMTP password.
-    #[arg(long, env = "SMTP_PASSWORD", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "SMTP_PASSWORD", hide_env_values = true, value_parser = topup_kafka::parse_secret)]
     pub smtp_password: Option<SecretString>,
 
     /// Sender of the e-mails.
@@ -83,7 +83,7 @@ pub struct Config {
     pub push_webhook_url: Option<String>,
 
     /// HMAC-SHA256 secret signing the webhook requests (prefer the file).
-    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "WEBHOOK_SECRET", hide_env_values = true, value_parser = topup_kafka::parse_secret)]
     pub webhook_secret: Option<SecretString>,
 
     /// File holding the webhook signing secret.
@@ -139,7 +139,7 @@ pub struct Config {
 
     /// Key shared with topup-api to open confirmation codes (64 hex digits); without it,
     /// confirmation-code notifications go to the DLQ.
-    #[arg(long, env = "CONFIRMATION_CODE_KEY", hide_env_values = true, value_parser = parse_code_key)]
+    #[arg(long, env = "CONFIRMATION_CODE_KEY", hide_env_values = true, value_parser = CodeKey::from_hex)]
     pub confirmation_code_key: Option<CodeKey>,
 
     /// File holding CONFIRMATION_CODE_KEY (a mounted secret).
@@ -147,16 +147,8 @@ pub struct Config {
     pub confirmation_code_key_file: Option<PathBuf>,
 }
 
-fn parse_code_key(raw: &str) -> Result<CodeKey, String> {
-    CodeKey::from_hex(raw).map_err(|e| e.to_string())
-}
-
 const DEFAULT_RATE_LIMITS: &str =
     "LOW_BALANCE=1/24h,CAP_REACHED=1/24h,PAYMENT_METHOD_PROBLEM=1/24h";
-
-fn parse_secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
-    Ok(SecretString::from(raw.to_string()))
-}
 
 impl Config {
     /// Defaults, connected to `kafka`: no provider and no printing, so [`Config::channels`]
@@ -171,10 +163,9 @@ impl Config {
         match (&self.confirmation_code_key, &self.confirmation_code_key_file) {
             (Some(key), _) => Ok(Some(key.clone())),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(path).map_err(|e| {
-                    anyhow::anyhow!("CONFIRMATION_CODE_KEY_FILE {}: {e}", path.display())
-                })?;
-                Ok(Some(CodeKey::from_hex(&text)?))
+                let text = topup_kafka::read_secret_file(path, "CONFIRMATION_CODE_KEY_FILE")
+                    .map_err(anyhow::Error::msg)?;
+                Ok(Some(CodeKey::from_hex(text.expose_secret())?))
             }
             (None, None) => Ok(None),
         }
@@ -220,18 +211,13 @@ impl Config {
         };
         let webhook = |url: &Option<String>| -> anyhow::Result<Option<Webhook>> {
             let Some(url) = url else { return Ok(None) };
-            let secret = match (&self.webhook_secret, &self.webhook_secret_file) {
-                (Some(secret), _) => secret.clone(),
-                (None, Some(path)) => SecretString::from(
-                    std::fs::read_to_string(path)
-                        .with_context(|| format!("reading WEBHOOK_SECRET_FILE {}", path.display()))?
-                        .trim_end_matches(['\n', '\r'])
-                        .to_string(),
-                ),
-                (None, None) => {
-                    anyhow::bail!("a webhook URL needs WEBHOOK_SECRET or WEBHOOK_SECRET_FILE")
-                }
-            };
+            let secret = topup_kafka::secret_or_file(
+                self.webhook_secret.as_ref(),
+                self.webhook_secret_file.as_deref(),
+                "WEBHOOK_SECRET",
+            )
+            .map_err(anyhow::Error::msg)?
+            .context("a webhook URL needs WEBHOOK_SECRET or WEBHOOK_SECRET_FILE")?;
             Ok(Some(Webhook::new(WebhookConfig { url: url.clone(), secret, timeout })?))
         };
         let channels = Channels {

@@ -63,7 +63,7 @@ pub struct Config {
     pub gateway_url: Option<String>,
 
     /// HMAC-SHA256 signing secret shared with the HTTP gateway (prefer the file).
-    #[arg(long = "payment-gateway-secret", env = "PAYMENT_GATEWAY_SECRET", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long = "payment-gateway-secret", env = "PAYMENT_GATEWAY_SECRET", hide_env_values = true, value_parser = topup_kafka::parse_secret)]
     pub gateway_secret: Option<SecretString>,
 
     /// File holding the signing secret (a mounted Kubernetes Secret, say).
@@ -139,10 +139,6 @@ pub struct Config {
     pub max_batch: usize,
 }
 
-fn parse_secret(raw: &str) -> Result<SecretString, std::convert::Infallible> {
-    Ok(SecretString::from(raw.to_string()))
-}
-
 impl Config {
     /// Defaults, connected to `kafka`. No gateway is chosen ([`Config::gateway()`] refuses
     /// until one is); tests and the embedded demo hand theirs to [`run`].
@@ -176,18 +172,15 @@ impl Config {
                 let url = self.gateway_url.clone().context(
                     "--payment-gateway=http needs --payment-gateway-url (PAYMENT_GATEWAY_URL)",
                 )?;
-                let secret = match (&self.gateway_secret, &self.gateway_secret_file) {
-                    (Some(secret), _) => secret.clone(),
-                    (None, Some(path)) => {
-                        let raw = std::fs::read_to_string(path).with_context(|| {
-                            format!("reading the gateway secret from {}", path.display())
-                        })?;
-                        SecretString::from(raw.trim_end_matches(['\n', '\r']).to_string())
-                    }
-                    (None, None) => anyhow::bail!(
-                        "--payment-gateway=http needs a signing secret: PAYMENT_GATEWAY_SECRET or --payment-gateway-secret-file"
-                    ),
-                };
+                let secret = topup_kafka::secret_or_file(
+                    self.gateway_secret.as_ref(),
+                    self.gateway_secret_file.as_deref(),
+                    "PAYMENT_GATEWAY_SECRET",
+                )
+                .map_err(anyhow::Error::msg)?
+                .context(
+                    "--payment-gateway=http needs a signing secret: PAYMENT_GATEWAY_SECRET or --payment-gateway-secret-file",
+                )?;
                 let gateway = HttpGateway::new(HttpGatewayConfig {
                     url,
                     secret,

@@ -14,12 +14,11 @@
 //! key, derived from the command's key and the method's stable id; and a charge is made
 //! only while the rule (as read from `topup.rules.v1` by [`RuleView`]) is active and holds
 //! the method, and the command is younger than its rail's bound.
-use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::{Duration, SystemTime};
 
 use topup_domain::{
-    mask_token, method_idempotency_key, notification_id, Currency, Money, SubscriberId, YearMonth,
+    mask_token, method_idempotency_key, Currency, Money, Notice, SubscriberId, YearMonth,
 };
 use topup_kafka::{
     dead_letter, decode, now_timestamp, system_time, timestamp_of, Answer, Input, Output,
@@ -727,28 +726,15 @@ fn expired_notice(
     method: &PaymentMethod,
     (locale, channels): &(String, Vec<topup_proto::v1::NotificationChannel>),
 ) -> NotificationCommand {
-    let kind = NotificationKind::PaymentMethodProblem;
     let shown =
         if method.label.is_empty() { mask_token(&method.token) } else { method.label.clone() };
     let about = format!("{command_id}/expired/{}", mask_token(&method.token));
-    NotificationCommand {
-        notification_id: notification_id(subscriber, &about, kind.as_str_name()),
-        subscriber_id: subscriber.to_string(),
-        kind: kind as i32,
-        locale: locale.clone(),
-        channels: channels.clone(),
-        parameters: [
-            ("method".to_string(), shown),
-            ("reason".to_string(), reason_code(FailureReason::CardExpired).to_string()),
-        ]
-        .into(),
-        urgent: false,
-        created_at: Some(now_timestamp()),
-        command_id: command_id.to_string(),
-        amount: None,
-        balance: None,
-        threshold: None,
-    }
+    Notice::new(NotificationKind::PaymentMethodProblem, subscriber, &about, now_timestamp())
+        .to(locale, channels)
+        .command(command_id)
+        .parameter("method", shown)
+        .parameter("reason", reason_code(FailureReason::CardExpired))
+        .build()
 }
 
 /// Stable reason codes, as the notifier's templates and dashboards know them.
@@ -783,36 +769,26 @@ fn notify(
         TopUpStatus::Cancelled => NotificationKind::TopUpCancelled,
         TopUpStatus::NeedsReconciliation | TopUpStatus::Unspecified => return None,
     };
-    let mut parameters = HashMap::new();
+    let subscriber = SubscriberId::parse(&result.subscriber_id).ok()?;
+    let (locale, channels) = route.unwrap_or_default();
+    let amount = result.amount.as_ref().and_then(|a| Money::try_from(a).ok());
+    let mut notice = Notice::new(kind, &subscriber, &result.command_id, now_timestamp())
+        .to(&locale, &channels)
+        // A failed top-up is what the subscriber most needs to hear: it ignores quiet hours.
+        .urgent(status == TopUpStatus::Failed)
+        .command(&result.command_id)
+        .amount(amount);
     if let Some(method) = &result.payment_method {
         let shown =
             if method.label.is_empty() { mask_token(&method.token) } else { method.label.clone() };
-        parameters.insert("method".to_string(), shown);
+        notice = notice.parameter("method", shown);
     }
     if status != TopUpStatus::Succeeded {
         let reason =
             FailureReason::try_from(result.failure_reason).unwrap_or(FailureReason::Unspecified);
-        parameters.insert("reason".to_string(), reason_code(reason).to_string());
+        notice = notice.parameter("reason", reason_code(reason));
     }
-    let (locale, channels) = route.unwrap_or_default();
-    let id = SubscriberId::parse(&result.subscriber_id)
-        .map(|s| notification_id(&s, &result.command_id, kind.as_str_name()))
-        .unwrap_or_default();
-    Some(NotificationCommand {
-        notification_id: id,
-        subscriber_id: result.subscriber_id.clone(),
-        kind: kind as i32,
-        locale,
-        channels,
-        parameters,
-        // A failed top-up is what the subscriber most needs to hear: it ignores quiet hours.
-        urgent: status == TopUpStatus::Failed,
-        created_at: Some(now_timestamp()),
-        command_id: result.command_id.clone(),
-        amount: result.amount.clone(),
-        balance: None,
-        threshold: None,
-    })
+    Some(notice.build())
 }
 
 impl<G: PaymentGateway> Processor for PaymentWorker<G> {
