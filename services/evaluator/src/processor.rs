@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::SystemTime;
 
-use topup_domain::{BalanceObservation, Money, Rule, SubscriberId, TopUpOutcome};
+use topup_domain::{BalanceObservation, Rule, SubscriberId, TopUpOutcome};
 use topup_kafka::{decode, Answer, Input, KafkaArgs, Output, Processor, Refusal, StateRecord};
 use topup_proto::topics;
 use topup_proto::v1::{BalanceUpdated, RuleUpdated, TopUpResult};
@@ -14,7 +14,7 @@ use crate::decide::{
     credit_overdue, decide, on_day, reissue, reissue_overdue, Effect, Event, InputRecord, Settings,
     SubscriberState,
 };
-use crate::metrics::{self, count};
+use crate::metrics::{CreditOverdue, TopUpIssued, TopUpReissued};
 
 /// The evaluator's Kafka-facing half; the decision itself is in [`crate::decide`].
 pub struct Evaluator {
@@ -55,7 +55,6 @@ fn day_of(now: SystemTime) -> i64 {
 fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
     match input.topic.as_str() {
         topics::BALANCE => {
-            count(&metrics::BALANCE_EVENTS);
             let raw: BalanceUpdated = decode(input, |m: &BalanceUpdated| &m.subscriber_id)?;
             let observation = BalanceObservation::try_from(&raw)?;
             // A balance from the future would win over every real one that follows (and its
@@ -105,23 +104,10 @@ fn emit(effects: Vec<Effect>, subscriber: &SubscriberId, out: &mut Vec<Output>) 
     for effect in effects {
         match effect {
             Effect::Command(command) => {
-                count(&metrics::COMMANDS_ISSUED);
-                let exported = metrics::exported();
-                exported.topups_issued.inc(&[]);
-                if let Some(seconds) = topup_kafka::ops::seconds_since(command.observed_at.as_ref())
-                {
-                    exported.command_latency.observe(seconds);
-                }
-                tracing::info!(
-                    subscriber = %subscriber,
-                    command_id = %command.command_id,
-                    amount = %command.amount.as_ref().and_then(|m| Money::try_from(m).ok()).map(|m| m.to_string()).unwrap_or_default(),
-                    "balance below threshold: top-up issued"
-                );
+                topup_kafka::emit(TopUpIssued { subscriber, command: &command });
                 out.push(Output::message(topics::COMMANDS, subscriber.as_str(), &command));
             }
             Effect::Notify(notification) => {
-                count(&metrics::NOTIFICATIONS_ISSUED);
                 out.push(Output::message(
                     topics::NOTIFICATIONS,
                     subscriber.as_str(),
@@ -139,7 +125,7 @@ impl Processor for Evaluator {
     const CHANGELOG: Option<&'static str> = Some(topics::EVALUATOR_STATE);
 
     fn decode(&self, input: &Input) -> Result<(String, Self::Event), Refusal> {
-        let (subscriber, event) = event_of(input).inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        let (subscriber, event) = event_of(input)?;
         Ok((subscriber.to_string(), (subscriber, event)))
     }
 
@@ -168,8 +154,7 @@ impl Processor for Evaluator {
             return Ok(out);
         }
         let rule_event = matches!(event, Event::Rule(_));
-        let (mut after, effects) = decide(before, event, &origin, input.time(), &self.settings)
-            .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        let (mut after, effects) = decide(before, event, &origin, input.time(), &self.settings)?;
         if rule_event {
             // The version commands carry: the payment worker compares it with the rules it
             // reads itself.
@@ -222,13 +207,11 @@ impl Processor for Evaluator {
             let (after, command) = reissue_overdue(current, now_ts, &self.settings);
             current = after;
             if let Some(command) = command {
-                tracing::warn!(
-                    subscriber = %subscriber,
-                    command_id = %command.command_id,
-                    after_secs = self.settings.reissue_after_secs,
-                    "top-up without a result for too long: command issued again under the same id"
-                );
-                metrics::exported().topups_reissued.inc(&[]);
+                topup_kafka::emit(TopUpReissued {
+                    subscriber: &subscriber,
+                    command_id: &command.command_id,
+                    after_secs: self.settings.reissue_after_secs,
+                });
                 out.push(Output::message(topics::COMMANDS, subscriber.as_str(), &command));
             }
         }
@@ -238,12 +221,10 @@ impl Processor for Evaluator {
             let (after, notice) = credit_overdue(current.clone(), now_ts);
             if let Some(notice) = notice {
                 current = after;
-                tracing::error!(
-                    subscriber = %subscriber,
-                    command_id = %notice.command_id,
-                    "a charged top-up was not credited by the carrier in time"
-                );
-                metrics::exported().credits_overdue.inc(&[]);
+                topup_kafka::emit(CreditOverdue {
+                    subscriber: &subscriber,
+                    command_id: &notice.command_id,
+                });
                 out.push(Output::message(topics::NOTIFICATIONS, subscriber.as_str(), &notice));
             }
         }

@@ -4,6 +4,7 @@
 
 mod config;
 mod error;
+mod event;
 pub mod ops;
 mod pipeline;
 mod processor;
@@ -17,6 +18,7 @@ mod topics;
 
 pub use config::KafkaArgs;
 pub use error::{Error, Result};
+pub use event::{emit, InternalEvent};
 pub use ops::{health, pipeline_metrics, registry, spawn_ops, OpsArgs};
 pub use pipeline::{run_pipeline, PipelineSpec};
 pub use processor::{

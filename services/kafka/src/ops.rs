@@ -75,10 +75,14 @@ fn owned(labels: &[(&'static str, &str)]) -> Labels {
 }
 
 /// A counter with labels: served on `/metrics` as `topup_<name>_total` and, when OTLP
-/// export is on, recorded on the OpenTelemetry meter as `topup_<name>`.
+/// export is on, recorded on the OpenTelemetry meter as `topup_<name>`. Its series can be
+/// read back ([`LabeledCounter::sum`]): the all-in-one run's summary reads the counters
+/// `/metrics` serves, not counters of its own.
 pub struct LabeledCounter {
     prometheus: Family<Labels, Counter>,
     otel: opentelemetry::metrics::Counter<u64>,
+    /// The series counted so far (each shares its value with the Prometheus family's).
+    series: Mutex<BTreeMap<Labels, Counter>>,
 }
 
 impl LabeledCounter {
@@ -90,7 +94,7 @@ impl LabeledCounter {
             .u64_counter(format!("topup_{name}"))
             .with_description(help)
             .build();
-        Self { prometheus, otel }
+        Self { prometheus, otel, series: Mutex::default() }
     }
 
     /// Adds one to the series of `labels`.
@@ -100,10 +104,35 @@ impl LabeledCounter {
 
     /// Adds `n` to the series of `labels`.
     pub fn inc_by(&self, labels: &[(&'static str, &str)], n: u64) {
-        self.prometheus.get_or_create(&owned(labels)).inc_by(n);
-        if crate::telemetry::metrics_enabled() {
-            self.otel.add(n, &otel_attributes(labels));
+        let labels = owned(labels);
+        {
+            let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(counter) = series.get(&labels) {
+                counter.inc_by(n);
+            } else {
+                let counter = self.prometheus.get_or_create(&labels).clone();
+                counter.inc_by(n);
+                series.insert(labels.clone(), counter);
+            }
         }
+        if crate::telemetry::metrics_enabled() {
+            let attributes: Vec<_> =
+                labels.iter().map(|(k, v)| opentelemetry::KeyValue::new(*k, v.clone())).collect();
+            self.otel.add(n, &attributes);
+        }
+    }
+
+    /// The sum of every series whose labels include all of `matching` (all series when
+    /// `matching` is empty).
+    pub fn sum(&self, matching: &[(&str, &str)]) -> u64 {
+        let series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        series
+            .iter()
+            .filter(|(labels, _)| {
+                matching.iter().all(|(k, v)| labels.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, counter)| counter.get())
+            .sum()
     }
 }
 
@@ -170,7 +199,7 @@ pub struct PipelineMetrics {
     /// `topup_records_produced_total{service,topic}`.
     pub produced: LabeledCounter,
     /// `topup_dead_letters_total{service,topic,reason}` (topic = where the record came from,
-    /// reason = [`crate::record::reason_class`]).
+    /// reason = [`crate::Refusal::class`]).
     pub dead_letters: LabeledCounter,
     /// `topup_consumer_lag_records{service,topic,partition}`.
     pub lag: LabeledGauge,

@@ -23,7 +23,7 @@ use topup_proto::v1::{
 };
 
 use crate::channel::{Channel, ChannelError, Delivery};
-use crate::metrics::{self, count};
+use crate::metrics::ReceiptWritten;
 use crate::policy::{Admission, Policy};
 use crate::templates::render;
 
@@ -69,7 +69,14 @@ fn receipt(
     destination: String,
     detail: String,
 ) -> Output {
-    metrics::receipt(channel, status);
+    topup_kafka::emit(ReceiptWritten {
+        notification: n,
+        channel,
+        status,
+        attempt,
+        destination: &destination,
+        detail: &detail,
+    });
     let receipt = DeliveryReceipt {
         notification_id: n.notification_id.clone(),
         subscriber_id: n.subscriber_id.clone(),
@@ -86,7 +93,6 @@ fn receipt(
 }
 
 fn suppressed(n: &NotificationCommand, detail: &str) -> Output {
-    count(&metrics::SUPPRESSED);
     receipt(
         n,
         ChannelKind::Unspecified,
@@ -197,7 +203,6 @@ impl<C: Channel> Notifier<C> {
             };
             match self.channel.deliver(&delivery).await {
                 Ok(()) => {
-                    count(&metrics::DELIVERED);
                     left.delivered_somewhere = true;
                     out.push(receipt(
                         &n,
@@ -211,9 +216,7 @@ impl<C: Channel> Notifier<C> {
                 Err(ChannelError::Transient(detail))
                     if attempt < self.policy.retry.max_attempts =>
                 {
-                    count(&metrics::FAILED);
                     let wait = self.policy.retry.backoff(attempt);
-                    tracing::warn!(subscriber = %n.subscriber_id, destination = %masked, attempt, ?wait, %detail, "delivery failed; will retry");
                     out.push(receipt(
                         &n,
                         kind,
@@ -227,8 +230,6 @@ impl<C: Channel> Notifier<C> {
                     next = Some(next.map_or(now + wait, |t| t.min(now + wait)));
                 }
                 Err(error) => {
-                    count(&metrics::FAILED);
-                    tracing::warn!(subscriber = %n.subscriber_id, destination = %masked, attempt, %error, "delivery failed for good");
                     out.push(receipt(
                         &n,
                         kind,
@@ -248,8 +249,6 @@ impl<C: Channel> Notifier<C> {
             }
             None => {
                 if !left.delivered_somewhere {
-                    count(&metrics::UNDELIVERABLE);
-                    tracing::error!(subscriber = %n.subscriber_id, notification_id = %n.notification_id, "every channel failed: the subscriber could not be told");
                     out.push(receipt(
                         &n,
                         ChannelKind::Unspecified,
@@ -286,7 +285,6 @@ impl<C: Channel> Notifier<C> {
                 out.push(suppressed(n, "subscriber has no notification channel"));
             }
             Admission::Deferred { until, zone } => {
-                count(&metrics::DEFERRED);
                 self.policy.remember(state, n, true, now);
                 let until_text = chrono::DateTime::<chrono::Utc>::from(until).with_timezone(&zone);
                 out.push(receipt(
@@ -322,8 +320,7 @@ impl<C: Channel> Processor for Notifier<C> {
     const CHANGELOG: Option<&'static str> = Some(topics::NOTIFIER_STATE);
 
     fn decode(&self, input: &Input) -> Result<(String, NotificationCommand), Refusal> {
-        let n = validate(input, self.code_key.as_ref())
-            .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        let n = validate(input, self.code_key.as_ref())?;
         Ok((n.subscriber_id.clone(), n))
     }
 

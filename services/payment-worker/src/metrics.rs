@@ -1,68 +1,154 @@
-//! The payment worker's counters.
-use std::sync::atomic::{AtomicU64, Ordering};
+//! The payment worker's metrics, declared once, and the events that log and count them.
+use std::sync::OnceLock;
 
-/// Top-ups charged.
-pub static SUCCEEDED: AtomicU64 = AtomicU64::new(0);
-/// Top-ups that could not be charged.
-pub static FAILED: AtomicU64 = AtomicU64::new(0);
-/// Requests sent to the gateway.
-pub static CHARGE_ATTEMPTS: AtomicU64 = AtomicU64::new(0);
-/// Charges parked on the retry topic after a transient error.
-pub static RETRIES_SCHEDULED: AtomicU64 = AtomicU64::new(0);
-/// Top-ups not charged because they were no longer authorised.
-pub static CANCELLED: AtomicU64 = AtomicU64::new(0);
-/// Top-ups whose charge outcome stayed unknown past the deadline.
-pub static NEEDS_RECONCILIATION: AtomicU64 = AtomicU64::new(0);
-/// Status lookups sent to the gateway after an unknown outcome.
-pub static STATUS_LOOKUPS: AtomicU64 = AtomicU64::new(0);
-/// Commands dead-lettered.
-pub static DEAD_LETTERS: AtomicU64 = AtomicU64::new(0);
+use topup_domain::{Money, SubscriberId};
+use topup_kafka::ops::{LabeledCounter, LatencyHistogram};
+use topup_kafka::InternalEvent;
+use topup_proto::payment::v1::ChargeRetry;
+use topup_proto::v1::{FailureReason, TopUpResult, TopUpStatus};
 
-pub(crate) fn count(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-/// Labels of completed top-ups.
 /// Metrics served on `/metrics` and exported over OTLP.
-pub(crate) struct Exported {
+struct Metrics {
     /// `topup_topups_completed_total{status,reason}`: `status` is `succeeded`, `failed`,
     /// `cancelled` or `needs_reconciliation`, `reason` the failure reason code (`none` when
     /// it succeeded).
-    pub(crate) completed: topup_kafka::ops::LabeledCounter,
+    completed: LabeledCounter,
     /// `topup_result_latency_seconds`: balance observed → top-up result.
-    pub(crate) result_latency: topup_kafka::ops::LatencyHistogram,
+    result_latency: LatencyHistogram,
+    /// `topup_gateway_requests_total{request}`: `charge` or `status` (a lookup after an
+    /// unknown outcome).
+    gateway_requests: LabeledCounter,
+    /// `topup_charges_parked_total{why}`: `gateway_unavailable`, `outcome_unknown` or
+    /// `rules_behind`.
+    parked: LabeledCounter,
 }
 
-pub(crate) fn exported() -> &'static Exported {
-    static EXPORTED: std::sync::OnceLock<Exported> = std::sync::OnceLock::new();
-    EXPORTED.get_or_init(|| Exported {
-        completed: topup_kafka::ops::LabeledCounter::new(
+fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(|| Metrics {
+        completed: LabeledCounter::new(
             "topups_completed",
             "Top-ups answered, by status and reason",
         ),
-        result_latency: topup_kafka::ops::LatencyHistogram::new(
+        result_latency: LatencyHistogram::new(
             "result_latency_seconds",
             "From the balance's observed_at to the top-up result",
+        ),
+        gateway_requests: LabeledCounter::new(
+            "gateway_requests",
+            "Requests sent to the payment gateway, by kind",
+        ),
+        parked: LabeledCounter::new(
+            "charges_parked",
+            "Charges parked on the retry topic, by why they wait",
         ),
     })
 }
 
-pub(crate) fn completed(result: &topup_proto::v1::TopUpResult) {
-    use topup_proto::v1::TopUpStatus;
-    let status = match TopUpStatus::try_from(result.status) {
-        Ok(TopUpStatus::Succeeded) => "succeeded",
-        Ok(TopUpStatus::Cancelled) => "cancelled",
-        Ok(TopUpStatus::NeedsReconciliation) => "needs_reconciliation",
-        _ => "failed",
-    };
-    let reason = topup_proto::v1::FailureReason::try_from(result.failure_reason)
-        .map_or("unknown", crate::worker::reason_code);
-    let exported = exported();
-    exported.completed.inc(&[
-        ("status", status),
-        ("reason", if status == "succeeded" { "none" } else { reason }),
-    ]);
-    if let Some(seconds) = topup_kafka::ops::seconds_since(result.observed_at.as_ref()) {
-        exported.result_latency.observe(seconds);
+/// Top-ups answered in this process so far with `status` (`succeeded`, `failed`, ...).
+pub fn completed_with(status: &str) -> u64 {
+    metrics().completed.sum(&[("status", status)])
+}
+
+/// A command was answered with its one `TopUpResult` (or the settlement's).
+pub(crate) struct TopUpAnswered<'a> {
+    pub(crate) result: &'a TopUpResult,
+}
+
+impl InternalEvent for TopUpAnswered<'_> {
+    fn emit(self) {
+        let result = self.result;
+        let status = TopUpStatus::try_from(result.status).unwrap_or(TopUpStatus::Unspecified);
+        let reason =
+            FailureReason::try_from(result.failure_reason).unwrap_or(FailureReason::Unspecified);
+        let code = crate::worker::reason_code(reason);
+        let label = match status {
+            TopUpStatus::Succeeded => "succeeded",
+            TopUpStatus::Cancelled => "cancelled",
+            TopUpStatus::NeedsReconciliation => "needs_reconciliation",
+            TopUpStatus::Failed | TopUpStatus::Unspecified => "failed",
+        };
+        let metrics = metrics();
+        metrics.completed.inc(&[
+            ("status", label),
+            ("reason", if label == "succeeded" { "none" } else { code }),
+        ]);
+        if let Some(seconds) = topup_kafka::ops::seconds_since(result.observed_at.as_ref()) {
+            metrics.result_latency.observe(seconds);
+        }
+        let amount = result.amount.as_ref().and_then(|a| Money::try_from(a).ok());
+        let amount = amount.map(|m| m.to_string()).unwrap_or_default();
+        let (subscriber, command_id) = (&result.subscriber_id, &result.command_id);
+        match status {
+            TopUpStatus::Succeeded => tracing::info!(
+                subscriber,
+                command_id,
+                amount,
+                attempts = result.attempts,
+                "top-up charged"
+            ),
+            TopUpStatus::Cancelled => tracing::info!(
+                subscriber,
+                command_id,
+                reason = code,
+                detail = result.failure_detail,
+                "top-up cancelled: nothing was charged"
+            ),
+            TopUpStatus::NeedsReconciliation => tracing::error!(
+                subscriber,
+                command_id,
+                key = result.idempotency_key,
+                detail = result.failure_detail,
+                "charge outcome still unknown at the deadline: the top-up needs reconciliation"
+            ),
+            TopUpStatus::Failed | TopUpStatus::Unspecified => tracing::info!(
+                subscriber,
+                command_id,
+                amount,
+                reason = code,
+                detail = result.failure_detail,
+                "top-up failed"
+            ),
+        }
+    }
+}
+
+/// A request went to the gateway.
+pub(crate) struct GatewayAsked {
+    /// `charge` or `status`.
+    pub(crate) request: &'static str,
+}
+
+impl InternalEvent for GatewayAsked {
+    fn emit(self) {
+        metrics().gateway_requests.inc(&[("request", self.request)]);
+    }
+}
+
+/// A charge was parked on the retry topic, to be charged (or asked about) when due.
+pub(crate) struct ChargeParked<'a> {
+    pub(crate) subscriber: &'a SubscriberId,
+    pub(crate) retry: &'a ChargeRetry,
+}
+
+impl InternalEvent for ChargeParked<'_> {
+    fn emit(self) {
+        let result = self.retry.result_so_far.as_ref();
+        let why = match result.map(|r| FailureReason::try_from(r.failure_reason)) {
+            _ if self.retry.outcome_unknown => "outcome_unknown",
+            Some(Ok(FailureReason::GatewayUnavailable)) if self.retry.attempts_on_method > 0 => {
+                "gateway_unavailable"
+            }
+            _ => "rules_behind",
+        };
+        metrics().parked.inc(&[("why", why)]);
+        tracing::info!(
+            subscriber = %self.subscriber,
+            command_id = self.retry.command.as_ref().map_or("", |c| c.command_id.as_str()),
+            attempt = self.retry.attempts_on_method,
+            why,
+            detail = result.map_or("", |r| r.failure_detail.as_str()),
+            "charge parked until it is due"
+        );
     }
 }

@@ -32,7 +32,7 @@ use topup_proto::v1::{
 };
 
 use crate::gateway::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
-use crate::metrics::{self, count};
+use crate::metrics::{ChargeParked, GatewayAsked, TopUpAnswered};
 use crate::rules::{method_id_of, RuleView};
 
 const SERVICE: &str = "topup-payment-worker";
@@ -211,21 +211,15 @@ impl<G: PaymentGateway> PaymentWorker<G> {
     /// read every rule change committed before this batch.
     async fn handle(&self, input: &Input, lane: Lane, rules_current: bool) -> Answer {
         let charge = match lane {
-            Lane::Retry(retry) => {
-                self.resume(*retry).inspect_err(|_| count(&metrics::DEAD_LETTERS))?
-            }
+            Lane::Retry(retry) => self.resume(*retry)?,
             Lane::Command(command) => match self.start(*command) {
                 Ok(charge) => charge,
-                Err(Unchargeable::Malformed(refusal)) => {
-                    count(&metrics::DEAD_LETTERS);
-                    return Err(refusal);
-                }
+                Err(Unchargeable::Malformed(refusal)) => return Err(refusal),
                 Err(Unchargeable::Refused { result, reason }) => {
                     // The evaluator waits for an answer to every command: refuse with a
                     // failed result, and keep the record in the dead-letter topic for operators.
-                    count(&metrics::DEAD_LETTERS);
                     tracing::warn!(command_id = %result.command_id, %reason, "command refused by a safety limit");
-                    metrics::completed(&result);
+                    topup_kafka::emit(TopUpAnswered { result: &result });
                     let mut out =
                         vec![Output::message(topics::RESULTS, &result.subscriber_id, &*result)];
                     if let Some(notification) = notify(&result, None) {
@@ -246,11 +240,11 @@ impl<G: PaymentGateway> PaymentWorker<G> {
         let (step, expired) = self.advance(charge, rules_current).await;
         let mut out = match step {
             Step::Later(retry) => {
-                count(&metrics::RETRIES_SCHEDULED);
+                topup_kafka::emit(ChargeParked { subscriber: &subscriber, retry: &retry });
                 vec![Output::message(topics::PAYMENT_RETRIES, subscriber.as_str(), &*retry)]
             }
             Step::Finished(result) => {
-                metrics::completed(&result);
+                topup_kafka::emit(TopUpAnswered { result: &result });
                 let mut out = vec![Output::message(topics::RESULTS, subscriber.as_str(), &*result)];
                 if let Some(notification) = notify(&result, Some(locale_channels.clone())) {
                     out.push(Output::message(
@@ -392,7 +386,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
 
     /// Asks the gateway what became of `key`, sent before without a definite answer.
     async fn resolve(&self, charge: &Charge, key: &str) -> Resolution {
-        count(&metrics::STATUS_LOOKUPS);
+        topup_kafka::emit(GatewayAsked { request: "status" });
         match self.gateway.status(key).await {
             ChargeStatus::Approved { reference } => Resolution::Charged(reference),
             ChargeStatus::Refused { reason, detail } => Resolution::Refused(reason, detail),
@@ -514,7 +508,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                 subscriber_id: charge.command.subscriber_id.clone(),
                 command_id: charge.command.command_id.clone(),
             };
-            count(&metrics::CHARGE_ATTEMPTS);
+            topup_kafka::emit(GatewayAsked { request: "charge" });
             let outcome = self.gateway.charge(&request).await;
             charge.result.attempts += 1;
             charge.attempts_on_method += 1;
@@ -534,7 +528,6 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                     if charge.attempts_on_method < self.retry.max_attempts
                         && not_before <= charge.deadline
                     {
-                        tracing::info!(subscriber = %charge.subscriber, method = %mask_token(&method.token), attempt = charge.attempts_on_method, ?wait, %detail, "gateway unavailable; retry parked");
                         charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
                         charge.result.failure_detail = detail;
                         return (Step::Later(Box::new(charge.parked(not_before))), expired);
@@ -569,8 +562,6 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             charge.result.failure_detail = detail;
             return Step::Later(Box::new(charge.parked(not_before)));
         }
-        tracing::error!(subscriber = %charge.subscriber, command_id = %charge.command.command_id, key = %charge.result.idempotency_key, %detail, "charge outcome still unknown at the deadline: the top-up needs reconciliation");
-        count(&metrics::NEEDS_RECONCILIATION);
         charge.result.status = TopUpStatus::NeedsReconciliation as i32;
         charge.result.failure_reason = FailureReason::OutcomeUnknown as i32;
         charge.result.failure_detail = format!("no definite answer before the deadline: {detail}");
@@ -584,14 +575,12 @@ impl<G: PaymentGateway> PaymentWorker<G> {
     fn wait_for_rules(&self, mut charge: Charge) -> Step {
         let not_before = SystemTime::now() + self.retry.initial_backoff.min(Duration::from_secs(1));
         if not_before <= charge.deadline {
-            tracing::info!(subscriber = %charge.subscriber, "rules not read up to the command's rule yet: charge parked");
             return Step::Later(Box::new(charge.parked(not_before)));
         }
         charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
         charge.result.failure_detail =
             "the rules could not be read far enough to authorise the charge".into();
         charge.result.completed_at = Some(now_timestamp());
-        count(&metrics::FAILED);
         Step::Finished(Box::new(charge.result))
     }
 
@@ -627,8 +616,6 @@ impl Charge {
 
     /// No charge: the top-up is no longer authorised. Definite: nothing moved.
     fn cancel(mut self, reason: FailureReason, detail: String) -> Step {
-        tracing::info!(subscriber = %self.subscriber, command_id = %self.command.command_id, reason = reason_code(reason), "top-up cancelled before the charge");
-        count(&metrics::CANCELLED);
         self.result.status = TopUpStatus::Cancelled as i32;
         self.result.failure_reason = reason as i32;
         self.result.failure_detail = detail;
@@ -656,16 +643,10 @@ impl Charge {
         self.result.completed_at = Some(now_timestamp());
         let reason = FailureReason::try_from(self.result.failure_reason)
             .unwrap_or(FailureReason::Unspecified);
-        if self.result.status == TopUpStatus::Succeeded as i32 {
-            count(&metrics::SUCCEEDED);
-            tracing::info!(subscriber = %self.subscriber, command_id = %self.command.command_id, amount = %self.amount, attempts = self.result.attempts, "top-up charged");
-        } else if reason == FailureReason::MethodRemoved {
-            count(&metrics::CANCELLED);
+        if self.result.status != TopUpStatus::Succeeded as i32
+            && reason == FailureReason::MethodRemoved
+        {
             self.result.status = TopUpStatus::Cancelled as i32;
-            tracing::info!(subscriber = %self.subscriber, command_id = %self.command.command_id, "top-up cancelled: its payment methods left the rule");
-        } else {
-            count(&metrics::FAILED);
-            tracing::info!(subscriber = %self.subscriber, command_id = %self.command.command_id, amount = %self.amount, reason = reason_code(reason), "top-up failed");
         }
         self.result
     }
@@ -805,8 +786,7 @@ impl<G: PaymentGateway> Processor for PaymentWorker<G> {
         } else {
             decode(input, |c: &TopUpCommand| &c.subscriber_id)
                 .map(|command| Lane::Command(Box::new(command)))
-        }
-        .inspect_err(|_| count(&metrics::DEAD_LETTERS))?;
+        }?;
         let subscriber = match &lane {
             Lane::Command(command) => command.subscriber_id.clone(),
             Lane::Retry(retry) => {

@@ -1,6 +1,5 @@
 //! The counters the all-in-one run reports when it stops.
 use std::fmt;
-use std::sync::atomic::Ordering::Relaxed;
 
 /// What happened so far in this process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,21 +14,22 @@ pub struct Summary {
     pub failed: u64,
     /// Messages delivered to subscribers.
     pub notifications_sent: u64,
-    /// Records dead-lettered by the evaluator and the payment worker.
+    /// Records dead-lettered by the services.
     pub dead_letters: u64,
 }
 
 impl Summary {
-    /// Reads the services' counters.
+    /// Reads the counters `/metrics` serves.
     pub fn now() -> Self {
+        let pipelines = topup_kafka::pipeline_metrics();
+        let balances = [("service", "topup-evaluator"), ("topic", topup_proto::topics::BALANCE)];
         Self {
-            events_in: topup_evaluator::metrics::BALANCE_EVENTS.load(Relaxed),
-            topups_issued: topup_evaluator::metrics::COMMANDS_ISSUED.load(Relaxed),
-            succeeded: topup_payment_worker::metrics::SUCCEEDED.load(Relaxed),
-            failed: topup_payment_worker::metrics::FAILED.load(Relaxed),
-            notifications_sent: topup_notifier::metrics::DELIVERED.load(Relaxed),
-            dead_letters: topup_evaluator::metrics::DEAD_LETTERS.load(Relaxed)
-                + topup_payment_worker::metrics::DEAD_LETTERS.load(Relaxed),
+            events_in: pipelines.consumed.sum(&balances),
+            topups_issued: topup_evaluator::metrics::topups_issued(),
+            succeeded: topup_payment_worker::metrics::completed_with("succeeded"),
+            failed: topup_payment_worker::metrics::completed_with("failed"),
+            notifications_sent: topup_notifier::metrics::delivered(),
+            dead_letters: pipelines.dead_letters.sum(&[]),
         }
     }
 }
