@@ -475,11 +475,11 @@ async fn process_batch<P: Processor>(
     let mut consumed: BTreeMap<&str, u64> = BTreeMap::new();
     let mut produced: BTreeMap<&str, u64> = BTreeMap::new();
     let mut refused: BTreeMap<(&str, std::borrow::Cow<'static, str>), u64> = BTreeMap::new();
-    for ((input, answer), cx) in batch.iter().zip(answers).zip(&spans) {
+    for ((input, answer), cx) in batch.iter().zip(answers).zip(spans) {
         *consumed.entry(input.topic.as_str()).or_default() += 1;
         let mut out = answer.unwrap_or_else(|refusal| {
             let reason = refusal.to_string();
-            crate::telemetry::refused(cx, &reason);
+            crate::telemetry::refused(&cx, &reason);
             *refused.entry((input.topic.as_str(), refusal.class())).or_default() += 1;
             tracing::warn!(
                 service = spec.service,
@@ -492,9 +492,9 @@ async fn process_batch<P: Processor>(
             vec![dead_letter(input, spec.service, &reason)]
         });
         for output in &mut out {
-            let sending = crate::telemetry::send_span(cx, output);
+            let sending = crate::telemetry::send_span(&cx, output);
             let sent = send(&txn.producer, output).await;
-            crate::telemetry::end(&sending);
+            drop(sending);
             if let Err(error) = sent {
                 txn.abort().await;
                 return Err(error);

@@ -6,29 +6,50 @@ use tokio_util::sync::CancellationToken;
 /// Log lines on stderr: readable on a terminal — one line per thing that happened, time
 /// since start, colours — and JSON objects elsewhere (containers), unless `LOG_FORMAT` says
 /// `text` or `json`. `RUST_LOG` filters (default `info`, Kafka client chatter at `warn`).
+/// With a tracer provider installed (see [`crate::telemetry`]), the pipeline's spans are
+/// exported through the OpenTelemetry bridge; they are never written as log lines. Only
+/// the first call in a process counts.
 pub fn init_logging() {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
+    use tracing_subscriber::filter::{filter_fn, EnvFilter, FilterExt};
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{fmt, Layer, Registry};
+
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rdkafka=warn"));
+    // The spans of the trace are for the exporter; as log lines they would only prefix
+    // every line with their attributes.
+    let not_trace = filter_fn(|meta| meta.target() != crate::telemetry::SPAN_TARGET);
     let terminal = std::io::stderr().is_terminal();
     let json = match std::env::var("LOG_FORMAT").as_deref() {
         Ok("json") => true,
         Ok("text") => false,
         _ => !terminal,
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().flatten_event(true).try_init()
+    let lines: Box<dyn Layer<Registry> + Send + Sync> = if json {
+        fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_target(false)
+            .with_writer(std::io::stderr)
+            .with_filter(filter.and(not_trace))
+            .boxed()
     } else {
-        builder
+        fmt::layer()
             .compact()
-            .with_timer(tracing_subscriber::fmt::time::uptime())
+            .with_target(false)
+            .with_timer(fmt::time::uptime())
             .with_ansi(terminal)
-            .try_init()
+            .with_writer(std::io::stderr)
+            .with_filter(filter.and(not_trace))
+            .boxed()
     };
+    let spans = crate::telemetry::tracer().map(|tracer| {
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(filter_fn(|meta| meta.target() == crate::telemetry::SPAN_TARGET))
+    });
+    let _ = Registry::default().with(lines).with(spans).try_init();
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM: services finish their batch and stop.
@@ -88,8 +109,9 @@ pub fn instance_id(service: &str) -> String {
 /// signal, and the health and metrics endpoints when `ops` asks for them. Returns the
 /// shutdown token; an unusable telemetry setting is an error naming the variable.
 pub fn start_service(ops: &crate::OpsArgs, service: &str) -> Result<CancellationToken, String> {
-    init_logging();
+    // Export first: the bridge for spans is part of the logging subscriber.
     crate::telemetry::init(service)?;
+    init_logging();
     let shutdown = shutdown_on_signal();
     crate::spawn_ops(ops, &shutdown);
     Ok(shutdown)

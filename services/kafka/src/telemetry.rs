@@ -7,6 +7,12 @@
 //! headers. Names and attributes follow the OpenTelemetry semantic conventions for
 //! messaging (`messaging.system = kafka`, `messaging.destination.name`, ...).
 //!
+//! Spans are `tracing` spans, exported through the `tracing-opentelemetry` bridge: one
+//! system for logs and spans (the log lines written while a record is processed become
+//! events of its span). The bridge is part of the subscriber [`crate::init_logging`] builds,
+//! so a tracer provider is installed before logging starts ([`init`] and
+//! [`install_tracer_provider`] see to it).
+//!
 //! Export is OTLP over HTTP/protobuf when `OTEL_EXPORTER_OTLP_ENDPOINT` is set (the other
 //! standard `OTEL_*` variables apply: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
 //! `OTEL_BSP_SCHEDULE_DELAY`, `OTEL_METRIC_EXPORT_INTERVAL`, ...). Without it no span is
@@ -16,12 +22,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
-use opentelemetry::trace::{SpanKind, Status, TraceContextExt, Tracer, TracerProvider as _};
-use opentelemetry::{Context, KeyValue};
+use opentelemetry::trace::{Status, TraceContextExt, TracerProvider as _};
+use opentelemetry::Context;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
 use opentelemetry_sdk::Resource;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::record::{Input, Output};
 
@@ -30,6 +37,9 @@ pub const OTLP_ENDPOINT_ENV: &str = "OTEL_EXPORTER_OTLP_ENDPOINT";
 
 /// Name of the instrumentation scope of the spans and metrics.
 const SCOPE: &str = "topup-kafka";
+
+/// The `tracing` target of the pipeline's spans: exported, never written as log lines.
+pub(crate) const SPAN_TARGET: &str = "topup::trace";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static METRICS_ENABLED: AtomicBool = AtomicBool::new(false);
@@ -88,18 +98,30 @@ pub fn init(service: &str) -> Result<bool, String> {
     let meters =
         SdkMeterProvider::builder().with_periodic_exporter(metrics).with_resource(resource).build();
     install_meter_provider(meters);
+    crate::init_logging();
     tracing::info!(%endpoint, "OpenTelemetry: exporting traces and metrics over OTLP/HTTP");
     Ok(true)
 }
 
 /// Records spans through `provider` from now on (used by [`init`], and by tests with an
 /// in-memory exporter).
+///
+/// The provider must be installed before logging starts (its bridge is part of the
+/// subscriber): this starts logging itself, so a later [`crate::init_logging`] changes
+/// nothing.
 pub fn install_tracer_provider(provider: SdkTracerProvider) {
     opentelemetry::global::set_tracer_provider(provider.clone());
     if let Ok(mut slot) = tracer_provider().lock() {
         *slot = Some(provider);
     }
     ENABLED.store(true, Ordering::Relaxed);
+    crate::init_logging();
+}
+
+/// The tracer the `tracing` bridge records spans with, when a provider is installed.
+pub(crate) fn tracer() -> Option<SdkTracer> {
+    let slot = tracer_provider().lock().ok()?;
+    slot.as_ref().map(|provider| provider.tracer(SCOPE))
 }
 
 /// Records metrics through `provider` from now on (instruments created from now on; the
@@ -176,81 +198,90 @@ pub fn inject(cx: &Context, headers: &mut Vec<(String, Vec<u8>)>) {
     }
 }
 
+/// A record's span and the trace context what it causes is a child of.
+pub(crate) struct Traced {
+    /// Disabled when no tracer provider is installed.
+    span: tracing::Span,
+    /// The span's context; without a provider, the context in the record's headers, passed
+    /// on as it came.
+    cx: Context,
+}
+
 /// Starts the `process <topic>` span of `input`, consumed by `group`, as a child of the
-/// context in its headers. Without a tracer provider, the headers' context itself.
-pub(crate) fn process_span(group: &str, input: &Input) -> Context {
+/// context in its headers.
+pub(crate) fn process_span(group: &str, input: &Input) -> Traced {
     let parent = extract(&input.headers);
     if !enabled() {
-        return parent;
+        return Traced { span: tracing::Span::none(), cx: parent };
     }
-    let tracer = opentelemetry::global::tracer_provider().tracer(SCOPE);
-    let mut attributes = vec![
-        KeyValue::new("messaging.system", "kafka"),
-        KeyValue::new("messaging.operation.type", "process"),
-        KeyValue::new("messaging.operation.name", "process"),
-        KeyValue::new("messaging.destination.name", input.topic.clone()),
-        KeyValue::new("messaging.destination.partition.id", input.partition.to_string()),
-        KeyValue::new("messaging.consumer.group.name", group.to_string()),
-        KeyValue::new("messaging.kafka.offset", input.offset),
-    ];
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        "process",
+        otel.name = %format_args!("process {}", input.topic),
+        otel.kind = "consumer",
+        messaging.system = "kafka",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %input.topic,
+        messaging.destination.partition.id = %input.partition,
+        messaging.consumer.group.name = group,
+        messaging.kafka.offset = input.offset,
+        messaging.kafka.message.key = tracing::field::Empty,
+        messaging.message.body.size = tracing::field::Empty,
+    );
     if let Some(key) = input.key_str() {
-        attributes.push(KeyValue::new("messaging.kafka.message.key", key.to_string()));
+        span.record("messaging.kafka.message.key", key);
     }
     if let Some(payload) = &input.payload {
-        attributes.push(KeyValue::new("messaging.message.body.size", payload.len() as i64));
+        span.record("messaging.message.body.size", payload.len() as i64);
     }
-    let span = tracer
-        .span_builder(format!("process {}", input.topic))
-        .with_kind(SpanKind::Consumer)
-        .with_attributes(attributes)
-        .start_with_context(&tracer, &parent);
-    parent.with_span(span)
+    // Before anything else: the parent can be set only while the span is not started.
+    let _ = span.set_parent(parent);
+    let cx = span.context();
+    Traced { span, cx }
 }
 
-/// Marks the processing in `cx` as failed: the record went to the dead-letter topic.
-pub(crate) fn refused(cx: &Context, reason: &str) {
+/// Marks the processing of a record as failed: it went to the dead-letter topic.
+pub(crate) fn refused(traced: &Traced, reason: &str) {
     if enabled() {
-        let span = cx.span();
-        span.set_attribute(KeyValue::new("error.type", "refused"));
-        span.set_status(Status::error(reason.to_string()));
+        traced.span.set_attribute("error.type", "refused");
+        traced.span.set_status(Status::error(reason.to_string()));
     }
 }
 
-/// Ends the span in `cx`, if one was started.
-pub(crate) fn end(cx: &Context) {
-    if enabled() {
-        cx.span().end();
-    }
+/// Ends a record's span.
+pub(crate) fn end(traced: Traced) {
+    drop(traced);
 }
 
-/// Gives `output` its `send <topic>` span, a child of `cx`, and puts the span's trace
-/// context into the output's headers. Returns the span's context, to end once sent.
-pub(crate) fn send_span(cx: &Context, output: &mut Output) -> Context {
+/// Gives `output` its `send <topic>` span, a child of the record's, and puts the span's
+/// trace context into the output's headers. Returns the span, to drop once sent.
+pub(crate) fn send_span(traced: &Traced, output: &mut Output) -> tracing::Span {
     if !enabled() {
-        inject(cx, &mut output.headers);
-        return cx.clone();
+        inject(&traced.cx, &mut output.headers);
+        return tracing::Span::none();
     }
-    let tracer = opentelemetry::global::tracer_provider().tracer(SCOPE);
-    let mut attributes = vec![
-        KeyValue::new("messaging.system", "kafka"),
-        KeyValue::new("messaging.operation.type", "send"),
-        KeyValue::new("messaging.operation.name", "send"),
-        KeyValue::new("messaging.destination.name", output.topic),
-    ];
+    let span = tracing::info_span!(
+        target: SPAN_TARGET,
+        parent: &traced.span,
+        "send",
+        otel.name = %format_args!("send {}", output.topic),
+        otel.kind = "producer",
+        messaging.system = "kafka",
+        messaging.operation.type = "send",
+        messaging.operation.name = "send",
+        messaging.destination.name = output.topic,
+        messaging.kafka.message.key = tracing::field::Empty,
+        messaging.kafka.message.tombstone = tracing::field::Empty,
+    );
     if let Ok(key) = std::str::from_utf8(&output.key) {
-        attributes.push(KeyValue::new("messaging.kafka.message.key", key.to_string()));
+        span.record("messaging.kafka.message.key", key);
     }
     if output.payload.is_none() {
-        attributes.push(KeyValue::new("messaging.kafka.message.tombstone", true));
+        span.record("messaging.kafka.message.tombstone", true);
     }
-    let span = tracer
-        .span_builder(format!("send {}", output.topic))
-        .with_kind(SpanKind::Producer)
-        .with_attributes(attributes)
-        .start_with_context(&tracer, cx);
-    let sending = cx.with_span(span);
-    inject(&sending, &mut output.headers);
-    sending
+    inject(&span.context(), &mut output.headers);
+    span
 }
 
 #[cfg(test)]

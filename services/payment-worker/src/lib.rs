@@ -7,6 +7,7 @@
 
 pub mod gateway;
 pub mod metrics;
+pub mod reason;
 pub mod rules;
 pub mod worker;
 

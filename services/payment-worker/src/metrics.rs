@@ -61,7 +61,7 @@ impl InternalEvent for TopUpAnswered<'_> {
         let status = TopUpStatus::try_from(result.status).unwrap_or(TopUpStatus::Unspecified);
         let reason =
             FailureReason::try_from(result.failure_reason).unwrap_or(FailureReason::Unspecified);
-        let code = crate::worker::reason_code(reason);
+        let code = crate::reason::reason_code(reason);
         let label = match status {
             TopUpStatus::Succeeded => "succeeded",
             TopUpStatus::Cancelled => "cancelled",

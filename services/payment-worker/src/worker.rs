@@ -33,6 +33,7 @@ use topup_proto::v1::{
 
 use crate::gateway::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
 use crate::metrics::{ChargeParked, GatewayAsked, TopUpAnswered};
+use crate::reason::reason_code;
 use crate::rules::{method_id_of, RuleView};
 
 const SERVICE: &str = "topup-payment-worker";
@@ -716,24 +717,6 @@ fn expired_notice(
         .parameter("method", shown)
         .parameter("reason", reason_code(FailureReason::CardExpired))
         .build()
-}
-
-/// Stable reason codes, as the notifier's templates and dashboards know them.
-pub fn reason_code(reason: FailureReason) -> &'static str {
-    match reason {
-        FailureReason::Declined => "declined",
-        FailureReason::CardExpired => "card_expired",
-        FailureReason::InsufficientFunds => "insufficient_funds",
-        FailureReason::GatewayUnavailable => "gateway_unavailable",
-        FailureReason::LimitExceeded => "limit_exceeded",
-        FailureReason::NoPaymentMethod => "no_payment_method",
-        FailureReason::CurrencyMismatch => "currency_mismatch",
-        FailureReason::RuleNotActive => "rule_not_active",
-        FailureReason::MethodRemoved => "method_removed",
-        FailureReason::CommandExpired => "command_expired",
-        FailureReason::OutcomeUnknown => "outcome_unknown",
-        FailureReason::Unspecified => "unknown",
-    }
 }
 
 /// The notification that tells the subscriber how their top-up went (and, when it

@@ -41,8 +41,9 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    topup_kafka::init_logging();
+    // Export first: the bridge for spans is part of the logging subscriber.
     topup_kafka::telemetry::init("topup").map_err(anyhow::Error::msg)?;
+    topup_kafka::init_logging();
     let shutdown = topup_kafka::shutdown_on_signal();
 
     // The embedded cluster lives as long as `main`; it is dropped after the services stop.
