@@ -10,12 +10,16 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use topup_domain::{Rule, SubscriberId};
-use topup_kafka::StateRecord;
+use topup_kafka::{Changelog, StateRecord};
 use topup_proto::evaluator::v1 as changelog;
 use topup_proto::v1 as wire;
 use topup_proto::Message;
 
 use crate::decide::SubscriberState;
+
+/// The evaluator's changelog, for the pipeline's task.
+pub(crate) const CHANGELOG: Changelog<SubscriberState> =
+    Changelog { topic: topup_proto::topics::EVALUATOR_STATE, records, restore: apply };
 
 /// Suffix of the key holding a subscriber's rule.
 const RULE_KEY_SUFFIX: &str = " rule";

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::SystemTime;
 
 use topup_domain::{BalanceObservation, Rule, SubscriberId, TopUpOutcome};
-use topup_kafka::{decode, Answer, Input, KafkaArgs, Output, Processor, Refusal, StateRecord};
+use topup_kafka::{decode, Answer, Changelog, Input, KafkaArgs, Output, Processor, Refusal};
 use topup_proto::topics;
 use topup_proto::v1::{BalanceUpdated, RuleUpdated, TopUpResult};
 
@@ -122,7 +122,7 @@ impl Processor for Evaluator {
     type Event = (SubscriberId, Event);
     type State = SubscriberState;
     type Batch = ();
-    const CHANGELOG: Option<&'static str> = Some(topics::EVALUATOR_STATE);
+    const CHANGELOG: Option<Changelog<SubscriberState>> = Some(crate::changelog::CHANGELOG);
 
     fn decode(&self, input: &Input) -> Result<(String, Self::Event), Refusal> {
         let (subscriber, event) = event_of(input)?;
@@ -239,28 +239,10 @@ impl Processor for Evaluator {
     fn assigned(&self, _partitions: &BTreeSet<i32>) {
         self.scanned_day.store(NOT_SCANNED, Ordering::Relaxed);
     }
-
-    fn state_records(
-        &self,
-        key: &str,
-        before: Option<&SubscriberState>,
-        after: Option<&SubscriberState>,
-    ) -> Vec<StateRecord> {
-        crate::changelog::records(key, before, after)
-    }
-
-    fn restore_record(
-        &self,
-        states: &mut std::collections::HashMap<String, SubscriberState>,
-        key: &str,
-        value: Option<&[u8]>,
-    ) -> Result<(), String> {
-        crate::changelog::apply(states, key, value)
-    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::changelog::apply as apply_record;
     use std::collections::HashMap;
@@ -269,7 +251,8 @@ mod tests {
     use topup_proto::v1 as wire;
     use topup_proto::Message;
 
-    fn raw_rule(subscriber: &str) -> wire::AutoTopUpRule {
+    /// An active rule for `subscriber`: below 10.00 CNY add 50.00, one card.
+    pub(crate) fn raw_rule(subscriber: &str) -> wire::AutoTopUpRule {
         let cny = |minor| wire::Money { currency: "CNY".into(), amount_minor: minor };
         wire::AutoTopUpRule {
             subscriber_id: subscriber.into(),

@@ -216,25 +216,10 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
 mod tests {
     use super::*;
     use crate::decide::{decide, Event, Settings};
-    use topup_proto::v1 as wire;
 
     #[test]
     fn the_encoded_record_decodes_to_the_same_state() {
-        let raw = wire::AutoTopUpRule {
-            subscriber_id: "sub-1".into(),
-            threshold: Some(wire::Money { currency: "CNY".into(), amount_minor: 1000 }),
-            top_up: Some(wire::auto_top_up_rule::TopUp::Amount(wire::Money {
-                currency: "CNY".into(),
-                amount_minor: 5000,
-            })),
-            payment_methods: vec![wire::PaymentMethod {
-                token: "tok_1".into(),
-                kind: wire::PaymentMethodKind::Card as i32,
-                ..Default::default()
-            }],
-            state: wire::RuleState::Active as i32,
-            ..Default::default()
-        };
+        let raw = crate::processor::tests::raw_rule("sub-1");
         let rule = Rule::try_from(&raw).unwrap();
         let state = SubscriberState::new(SubscriberId::parse("sub-1").unwrap());
         let (state, _) = decide(

@@ -22,7 +22,7 @@ pub use event::{emit, InternalEvent};
 pub use ops::{health, pipeline_metrics, registry, spawn_ops, OpsArgs};
 pub use pipeline::{run_pipeline, PipelineSpec};
 pub use processor::{
-    restore_whole, whole_state_records, Answer, Processor, StateRecord, Task, TransientRetry,
+    Answer, Changelog, Processor, RestoreRecord, StateRecord, Task, TransientRetry,
 };
 pub use record::{
     dead_letter, decode, now_timestamp, system_time, timestamp_of, Input, Output,

@@ -34,8 +34,8 @@ pub trait Processor: Send + Sync + 'static {
     /// Worked out once per batch before any of its records is processed.
     type Batch: Send + Sync;
 
-    /// The changelog topic of the state; `None` for a processor without state.
-    const CHANGELOG: Option<&'static str> = None;
+    /// Where the state is kept; `None` for a processor without state.
+    const CHANGELOG: Option<Changelog<Self::State>> = None;
 
     /// Decodes and validates a record into the key its state is kept under and the event.
     /// Pure: a refusal here sends the record to the dead-letter topic untouched.
@@ -87,35 +87,36 @@ pub trait Processor: Send + Sync + 'static {
     fn assigned(&self, partitions: &BTreeSet<i32>) {
         let _ = partitions;
     }
+}
 
-    /// The changelog records that bring `key`'s state from `before` to `after`; none when
-    /// nothing that is kept changed.
-    fn state_records(
-        &self,
-        key: &str,
-        before: Option<&Self::State>,
-        after: Option<&Self::State>,
-    ) -> Vec<StateRecord> {
-        let _ = (key, before, after);
-        Vec::new()
-    }
+/// A state's changelog: its topic (same partition count as the processor's inputs,
+/// compacted), under which keys a change is written and how records fold back into states.
+pub struct Changelog<S> {
+    /// The compacted topic.
+    pub topic: &'static str,
+    /// The records that bring a key's state from `before` to `after`; none when nothing
+    /// that is kept changed.
+    pub records: fn(key: &str, before: Option<&S>, after: Option<&S>) -> Vec<StateRecord>,
+    /// Folds one record (its key and value, `None` for a tombstone) into the states of its
+    /// partition; an error names what is wrong with the record.
+    pub restore: RestoreRecord<S>,
+}
 
-    /// Folds one changelog record (its key and value, `None` for a tombstone) into the
-    /// states of its partition; an error names what is wrong with the record.
-    fn restore_record(
-        &self,
-        states: &mut HashMap<String, Self::State>,
-        key: &str,
-        value: Option<&[u8]>,
-    ) -> std::result::Result<(), String> {
-        let _ = (states, key, value);
-        Ok(())
+/// See [`Changelog::restore`].
+pub type RestoreRecord<S> = fn(
+    states: &mut HashMap<String, S>,
+    key: &str,
+    value: Option<&[u8]>,
+) -> std::result::Result<(), String>;
+
+impl<S: prost::Message + PartialEq + Default> Changelog<S> {
+    /// A state kept whole under its key, as one protobuf message.
+    pub const fn whole(topic: &'static str) -> Self {
+        Self { topic, records: whole_state_records::<S>, restore: restore_whole::<S> }
     }
 }
 
-/// The [`Processor::state_records`] of a state kept whole under its key, as one protobuf
-/// message.
-pub fn whole_state_records<T: prost::Message + PartialEq>(
+fn whole_state_records<T: prost::Message + PartialEq>(
     key: &str,
     before: Option<&T>,
     after: Option<&T>,
@@ -126,8 +127,7 @@ pub fn whole_state_records<T: prost::Message + PartialEq>(
     vec![(key.to_string(), after.map(prost::Message::encode_to_vec))]
 }
 
-/// The [`Processor::restore_record`] of a state kept whole under its key.
-pub fn restore_whole<T: prost::Message + Default>(
+fn restore_whole<T: prost::Message + Default>(
     states: &mut HashMap<String, T>,
     key: &str,
     value: Option<&[u8]>,
@@ -204,7 +204,7 @@ impl<P: Processor> Task<P> {
     /// Rebuilds the state of newly assigned `partitions` from the changelog. Unreadable
     /// records are logged and skipped (the next change of that key replaces them).
     pub async fn assign(&mut self, kafka: &KafkaArgs, partitions: &BTreeSet<i32>) -> Result<()> {
-        if let Some(topic) = P::CHANGELOG {
+        if let Some(Changelog { topic, .. }) = P::CHANGELOG {
             for &partition in partitions {
                 let reader = kafka.clone();
                 let records = tokio::task::spawn_blocking(move || {
@@ -231,7 +231,8 @@ impl<P: Processor> Task<P> {
 
     /// Folds one changelog record into `partition`'s state, as a restore does.
     pub fn restore_one(&mut self, partition: i32, key: &str, value: Option<&[u8]>) {
-        self.restore(partition, key, value, -1, P::CHANGELOG.unwrap_or_default());
+        let topic = P::CHANGELOG.map_or("", |changelog| changelog.topic);
+        self.restore(partition, key, value, -1, topic);
     }
 
     fn restore(
@@ -242,8 +243,9 @@ impl<P: Processor> Task<P> {
         offset: i64,
         topic: &str,
     ) {
+        let Some(changelog) = P::CHANGELOG else { return };
         let states = self.partitions.entry(partition).or_default();
-        if let Err(error) = self.processor.restore_record(states, key, value) {
+        if let Err(error) = (changelog.restore)(states, key, value) {
             tracing::error!(topic, partition, offset, %error, "unreadable state record skipped");
         }
     }
@@ -291,7 +293,7 @@ impl<P: Processor> Task<P> {
         .await;
         let mut given_up = None;
         for (partition, key, before, state, answered) in done {
-            let records = self.processor.state_records(&key, before.as_ref(), state.as_ref());
+            let records = state_records::<P>(partition, &key, before.as_ref(), state.as_ref());
             let states = self.partitions.entry(partition).or_default();
             match state {
                 Some(state) => {
@@ -308,16 +310,8 @@ impl<P: Processor> Task<P> {
                 }
                 answers[index] = Some(answer);
             }
-            if let (Some(topic), Some(index)) = (P::CHANGELOG, last_ok) {
-                if let Some(Some(Ok(outputs))) = answers.get_mut(index) {
-                    outputs.extend(records.into_iter().map(|(key, value)| Output {
-                        topic,
-                        partition: Some(partition),
-                        key: key.into_bytes(),
-                        payload: value,
-                        headers: Vec::new(),
-                    }));
-                }
+            if let Some(Some(Ok(outputs))) = last_ok.and_then(|index| answers.get_mut(index)) {
+                outputs.extend(records);
             }
         }
         if let Some(reason) = given_up {
@@ -345,16 +339,7 @@ impl<P: Processor> Task<P> {
             let mut state = states.remove(&key);
             let before = state.clone();
             out.extend(self.processor.on_due(&key, &mut state, now).await);
-            if let Some(topic) = P::CHANGELOG {
-                let records = self.processor.state_records(&key, before.as_ref(), state.as_ref());
-                out.extend(records.into_iter().map(|(key, value)| Output {
-                    topic,
-                    partition: Some(partition),
-                    key: key.into_bytes(),
-                    payload: value,
-                    headers: Vec::new(),
-                }));
-            }
+            out.extend(state_records::<P>(partition, &key, before.as_ref(), state.as_ref()));
             if let Some(state) = state {
                 self.partitions.entry(partition).or_default().insert(key, state);
             }
@@ -362,6 +347,26 @@ impl<P: Processor> Task<P> {
         self.processor.ticked(now);
         out
     }
+}
+
+/// The changelog records of `key`'s change, on the partition of its input.
+fn state_records<P: Processor>(
+    partition: i32,
+    key: &str,
+    before: Option<&P::State>,
+    after: Option<&P::State>,
+) -> Vec<Output> {
+    let Some(changelog) = P::CHANGELOG else { return Vec::new() };
+    (changelog.records)(key, before, after)
+        .into_iter()
+        .map(|(key, value)| Output {
+            topic: changelog.topic,
+            partition: Some(partition),
+            key: key.into_bytes(),
+            payload: value,
+            headers: Vec::new(),
+        })
+        .collect()
 }
 
 /// One key's records of a batch, in order, from `state`: each is processed with the state
@@ -444,7 +449,8 @@ mod tests {
         type Event = String;
         type State = u32;
         type Batch = ();
-        const CHANGELOG: Option<&'static str> = Some("counts");
+        const CHANGELOG: Option<Changelog<u32>> =
+            Some(Changelog { topic: "counts", records: count_records, restore: restore_count });
 
         fn decode(&self, input: &Input) -> std::result::Result<(String, String), Refusal> {
             let value = input.payload.as_deref().ok_or(Refusal::NoValue)?;
@@ -485,34 +491,28 @@ mod tests {
             *state = None;
             vec![Output::tombstone("out", "due")]
         }
+    }
 
-        fn state_records(
-            &self,
-            key: &str,
-            before: Option<&u32>,
-            after: Option<&u32>,
-        ) -> Vec<StateRecord> {
-            if before == after {
-                return Vec::new();
-            }
-            vec![(key.to_string(), after.map(|n| n.to_string().into_bytes()))]
+    fn count_records(key: &str, before: Option<&u32>, after: Option<&u32>) -> Vec<StateRecord> {
+        if before == after {
+            return Vec::new();
         }
+        vec![(key.to_string(), after.map(|n| n.to_string().into_bytes()))]
+    }
 
-        fn restore_record(
-            &self,
-            states: &mut HashMap<String, u32>,
-            key: &str,
-            value: Option<&[u8]>,
-        ) -> std::result::Result<(), String> {
-            match value {
-                None => states.remove(key),
-                Some(v) => states.insert(
-                    key.to_string(),
-                    String::from_utf8_lossy(v).parse().map_err(|_| "not a count")?,
-                ),
-            };
-            Ok(())
-        }
+    fn restore_count(
+        states: &mut HashMap<String, u32>,
+        key: &str,
+        value: Option<&[u8]>,
+    ) -> std::result::Result<(), String> {
+        match value {
+            None => states.remove(key),
+            Some(v) => states.insert(
+                key.to_string(),
+                String::from_utf8_lossy(v).parse().map_err(|_| "not a count")?,
+            ),
+        };
+        Ok(())
     }
 
     fn record(offset: i64, key: &str, value: &str) -> Input {

@@ -8,13 +8,11 @@
 //! notification), so de-duplication and rate limits hold across restarts. Messages held
 //! over quiet hours and channels waiting for a retry are in it too; the pipeline's tick
 //! sends them when due.
-use std::collections::HashMap;
 use std::time::SystemTime;
 
 use topup_domain::{mask_contact, CodeKey, SubscriberId};
 use topup_kafka::{
-    decode, restore_whole, system_time, timestamp_of, whole_state_records, Answer, Input, Output,
-    Processor, Refusal, StateRecord,
+    decode, system_time, timestamp_of, Answer, Changelog, Input, Output, Processor, Refusal,
 };
 use topup_proto::notifier::v1::{Pending, SubscriberDeliveries};
 use topup_proto::topics;
@@ -201,45 +199,24 @@ impl<C: Channel> Notifier<C> {
                 text: &rendered.text,
                 urgent: n.urgent,
             };
-            match self.channel.deliver(&delivery).await {
+            // What this attempt comes to: the receipt's status and detail.
+            let (status, detail) = match self.channel.deliver(&delivery).await {
                 Ok(()) => {
                     left.delivered_somewhere = true;
-                    out.push(receipt(
-                        &n,
-                        kind,
-                        DeliveryStatus::Delivered,
-                        attempt,
-                        masked,
-                        String::new(),
-                    ));
+                    (DeliveryStatus::Delivered, String::new())
                 }
                 Err(ChannelError::Transient(detail))
                     if attempt < self.policy.retry.max_attempts =>
                 {
                     let wait = self.policy.retry.backoff(attempt);
-                    out.push(receipt(
-                        &n,
-                        kind,
-                        DeliveryStatus::Failed,
-                        attempt,
-                        masked,
-                        format!("{detail}; retry in {wait:?}"),
-                    ));
                     left.channels.push(index);
                     left.attempts.push(attempt);
                     next = Some(next.map_or(now + wait, |t| t.min(now + wait)));
+                    (DeliveryStatus::Failed, format!("{detail}; retry in {wait:?}"))
                 }
-                Err(error) => {
-                    out.push(receipt(
-                        &n,
-                        kind,
-                        DeliveryStatus::Failed,
-                        attempt,
-                        masked,
-                        error.to_string(),
-                    ));
-                }
-            }
+                Err(error) => (DeliveryStatus::Failed, error.to_string()),
+            };
+            out.push(receipt(&n, kind, status, attempt, masked, detail));
         }
         match next {
             Some(due) => {
@@ -317,7 +294,8 @@ impl<C: Channel> Processor for Notifier<C> {
     type Event = NotificationCommand;
     type State = SubscriberDeliveries;
     type Batch = ();
-    const CHANGELOG: Option<&'static str> = Some(topics::NOTIFIER_STATE);
+    const CHANGELOG: Option<Changelog<SubscriberDeliveries>> =
+        Some(Changelog::whole(topics::NOTIFIER_STATE));
 
     fn decode(&self, input: &Input) -> Result<(String, NotificationCommand), Refusal> {
         let n = validate(input, self.code_key.as_ref())?;
@@ -375,23 +353,5 @@ impl<C: Channel> Processor for Notifier<C> {
             }
         }
         out
-    }
-
-    fn state_records(
-        &self,
-        key: &str,
-        before: Option<&SubscriberDeliveries>,
-        after: Option<&SubscriberDeliveries>,
-    ) -> Vec<StateRecord> {
-        whole_state_records(key, before, after)
-    }
-
-    fn restore_record(
-        &self,
-        states: &mut HashMap<String, SubscriberDeliveries>,
-        key: &str,
-        value: Option<&[u8]>,
-    ) -> Result<(), String> {
-        restore_whole(states, key, value)
     }
 }
