@@ -148,7 +148,82 @@ struct Charge {
     /// had then — `<command key>` for the first method, `<command key>-m<index>` after —
     /// so that a charge begun before an upgrade is never sent again under a new key.
     legacy_keys: bool,
-    result: TopUpResult,
+    progress: Progress,
+}
+
+/// How far a charge got, in the worker's own terms. The `TopUpResult` is assembled from it
+/// and the command in one place ([`Charge::result`]), when the command is answered or its
+/// charge parked.
+#[derive(Debug, Clone)]
+struct Progress {
+    /// The method being charged (the result names it).
+    method: Option<PaymentMethod>,
+    /// The idempotency key of the current method's charge (the command's before any).
+    key: String,
+    /// Charges sent so far, all methods together.
+    attempts: u32,
+    /// Why the last method did not pay (or, before any was tried, why none could).
+    failure: (FailureReason, String),
+    /// The gateway's reference, once a charge was approved.
+    reference: Option<String>,
+}
+
+impl Progress {
+    fn start(command: &TopUpCommand) -> Self {
+        Self {
+            method: None,
+            key: command.idempotency_key.clone(),
+            attempts: 0,
+            failure: (FailureReason::NoPaymentMethod, "the command has no payment method".into()),
+            reference: None,
+        }
+    }
+
+    /// What a parked charge's `result_so_far` says (written by [`Charge::parked`]).
+    fn of(result: &TopUpResult) -> Self {
+        Self {
+            method: result.payment_method.clone(),
+            key: result.idempotency_key.clone(),
+            attempts: result.attempts,
+            failure: (
+                FailureReason::try_from(result.failure_reason)
+                    .unwrap_or(FailureReason::Unspecified),
+                result.failure_detail.clone(),
+            ),
+            reference: Some(result.gateway_reference.clone()).filter(|r| !r.is_empty()),
+        }
+    }
+}
+
+/// The answer to `command` after `progress`: `status`, and `completed_at` when it is final.
+fn result_of(
+    command: &TopUpCommand,
+    amount: Money,
+    progress: &Progress,
+    status: TopUpStatus,
+    completed_at: Option<topup_proto::Timestamp>,
+) -> TopUpResult {
+    let (reason, detail) = match status {
+        TopUpStatus::Succeeded => (FailureReason::Unspecified, String::new()),
+        _ => progress.failure.clone(),
+    };
+    TopUpResult {
+        command_id: command.command_id.clone(),
+        subscriber_id: command.subscriber_id.clone(),
+        status: status as i32,
+        amount: Some(amount.to_wire()),
+        payment_method: progress.method.clone(),
+        gateway_reference: progress.reference.clone().unwrap_or_default(),
+        failure_reason: reason as i32,
+        failure_detail: detail,
+        idempotency_key: progress.key.clone(),
+        attempts: progress.attempts,
+        carrier_id: command.carrier_id.clone(),
+        observed_at: command.observed_at,
+        completed_at,
+        // Set only by an operator's settlement (`topupctl settle`).
+        ..Default::default()
+    }
 }
 
 /// Where a charge stands after [`PaymentWorker::advance`].
@@ -280,35 +355,25 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             .as_ref()
             .ok_or_else(|| Refusal::invalid("amount", "is required"))
             .and_then(|a| Money::try_from(a).map_err(|e| Refusal::from(e.within("amount"))))?;
-        let mut result = TopUpResult {
-            command_id: command.command_id.clone(),
-            subscriber_id: command.subscriber_id.clone(),
-            status: TopUpStatus::Failed as i32,
-            amount: Some(amount.to_wire()),
-            failure_reason: FailureReason::NoPaymentMethod as i32,
-            failure_detail: "the command has no payment method".into(),
-            idempotency_key: command.idempotency_key.clone(),
-            carrier_id: command.carrier_id.clone(),
-            observed_at: command.observed_at,
-            ..Default::default()
-        };
-        let refuse = |mut result: TopUpResult, detail: String| {
-            result.failure_reason = FailureReason::LimitExceeded as i32;
-            result.failure_detail = detail.clone();
-            result.completed_at = Some(now_timestamp());
+        let progress = Progress::start(&command);
+        let refuse = |detail: String| {
+            let progress = Progress {
+                failure: (FailureReason::LimitExceeded, detail.clone()),
+                ..progress.clone()
+            };
+            let result =
+                result_of(&command, amount, &progress, TopUpStatus::Failed, Some(now_timestamp()));
             Unchargeable::Refused { result: Box::new(result), reason: detail }
         };
         if amount.minor <= 0 {
-            return Err(refuse(result, format!("amount: must be positive, got {amount}")));
+            return Err(refuse(format!("amount: must be positive, got {amount}")));
         }
         if amount.minor > self.limits.max_single_charge_minor {
             let limit = Money::new(amount.currency, self.limits.max_single_charge_minor);
-            return Err(refuse(
-                result,
-                format!("amount: {amount} exceeds the single-charge limit of {limit}"),
-            ));
+            return Err(refuse(format!(
+                "amount: {amount} exceeds the single-charge limit of {limit}"
+            )));
         }
-        result.attempts = 0;
         Ok(Charge {
             legacy_keys: legacy_keys(&command),
             command,
@@ -319,7 +384,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             deadline: SystemTime::now() + self.retry.deadline,
             outcome_unknown: false,
             first_attempt_at: None,
-            result,
+            progress,
         })
     }
 
@@ -334,8 +399,10 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             .and_then(|a| {
                 Money::try_from(a).map_err(|e| Refusal::from(e.within("command.amount")))
             })?;
-        let result =
-            retry.result_so_far.ok_or_else(|| Refusal::invalid("result_so_far", "is required"))?;
+        let result = retry
+            .result_so_far
+            .as_ref()
+            .ok_or_else(|| Refusal::invalid("result_so_far", "is required"))?;
         if usize::try_from(retry.method_index).map_or(true, |i| i >= command.payment_methods.len())
         {
             return Err(Refusal::invalid("method_index", "beyond the command's payment methods"));
@@ -353,7 +420,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             outcome_unknown: retry.outcome_unknown || parked_before_outcome_classes,
             legacy_keys: legacy_keys(&command),
             first_attempt_at: retry.first_attempt_at.as_ref().map(system_time),
-            result,
+            progress: Progress::of(result),
             command,
         })
     }
@@ -431,7 +498,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             } else {
                 method_idempotency_key(&charge.command.idempotency_key, &method_id)
             };
-            charge.result.payment_method = Some(PaymentMethod {
+            charge.progress.method = Some(PaymentMethod {
                 token: method.token.clone(),
                 kind: method.kind,
                 label: method.label.clone(),
@@ -439,7 +506,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                 currency: method.currency.clone(),
                 method_id: method_id.clone(),
             });
-            charge.result.idempotency_key.clone_from(&key);
+            charge.progress.key.clone_from(&key);
             if charge.outcome_unknown {
                 // Money may have moved on this key: settle that before anything else.
                 match self.resolve(&charge, &key).await {
@@ -511,7 +578,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             };
             topup_kafka::emit(GatewayAsked { request: "charge" });
             let outcome = self.gateway.charge(&request).await;
-            charge.result.attempts += 1;
+            charge.progress.attempts += 1;
             charge.attempts_on_method += 1;
             charge.first_attempt_at.get_or_insert_with(SystemTime::now);
             match outcome {
@@ -529,8 +596,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                     if charge.attempts_on_method < self.retry.max_attempts
                         && not_before <= charge.deadline
                     {
-                        charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
-                        charge.result.failure_detail = detail;
+                        charge.progress.failure = (FailureReason::GatewayUnavailable, detail);
                         return (Step::Later(Box::new(charge.parked(not_before))), expired);
                     }
                     // Nothing was processed (the gateway said so each time): the next
@@ -555,19 +621,17 @@ impl<G: PaymentGateway> PaymentWorker<G> {
     /// top-up that needs reconciliation: still in flight for the evaluator, its caps kept,
     /// and for operators to settle with the gateway's books.
     fn later_or_reconcile(&self, mut charge: Charge, detail: String) -> Step {
-        let wait =
-            self.retry.backoff(charge.attempts_on_method.max(1), &charge.result.idempotency_key);
+        let wait = self.retry.backoff(charge.attempts_on_method.max(1), &charge.progress.key);
         let not_before = SystemTime::now() + wait;
         if not_before <= charge.deadline {
-            charge.result.failure_reason = FailureReason::OutcomeUnknown as i32;
-            charge.result.failure_detail = detail;
+            charge.progress.failure = (FailureReason::OutcomeUnknown, detail);
             return Step::Later(Box::new(charge.parked(not_before)));
         }
-        charge.result.status = TopUpStatus::NeedsReconciliation as i32;
-        charge.result.failure_reason = FailureReason::OutcomeUnknown as i32;
-        charge.result.failure_detail = format!("no definite answer before the deadline: {detail}");
-        charge.result.completed_at = Some(now_timestamp());
-        Step::Finished(Box::new(charge.result))
+        charge.progress.failure = (
+            FailureReason::OutcomeUnknown,
+            format!("no definite answer before the deadline: {detail}"),
+        );
+        Step::Finished(Box::new(charge.answer(TopUpStatus::NeedsReconciliation)))
     }
 
     /// The rule view is behind: look again shortly (nothing was sent for this method yet,
@@ -578,11 +642,11 @@ impl<G: PaymentGateway> PaymentWorker<G> {
         if not_before <= charge.deadline {
             return Step::Later(Box::new(charge.parked(not_before)));
         }
-        charge.result.failure_reason = FailureReason::GatewayUnavailable as i32;
-        charge.result.failure_detail =
-            "the rules could not be read far enough to authorise the charge".into();
-        charge.result.completed_at = Some(now_timestamp());
-        Step::Finished(Box::new(charge.result))
+        charge.progress.failure = (
+            FailureReason::GatewayUnavailable,
+            "the rules could not be read far enough to authorise the charge".into(),
+        );
+        Step::Finished(Box::new(charge.answer(TopUpStatus::Failed)))
     }
 
     /// Waits until a parked charge is due (bounded by the longest backoff, in case a
@@ -600,8 +664,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
 impl Charge {
     /// The current method was refused (or skipped) for good: the next one.
     fn refused(&mut self, reason: FailureReason, detail: String) {
-        self.result.failure_reason = reason as i32;
-        self.result.failure_detail = detail;
+        self.progress.failure = (reason, detail);
         self.method_index += 1;
         self.attempts_on_method = 0;
         self.outcome_unknown = false;
@@ -609,29 +672,25 @@ impl Charge {
     }
 
     fn succeed(&mut self, reference: String) {
-        self.result.status = TopUpStatus::Succeeded as i32;
-        self.result.failure_reason = FailureReason::Unspecified as i32;
-        self.result.failure_detail.clear();
-        self.result.gateway_reference = reference;
+        self.progress.reference = Some(reference);
     }
 
     /// No charge: the top-up is no longer authorised. Definite: nothing moved.
     fn cancel(mut self, reason: FailureReason, detail: String) -> Step {
-        self.result.status = TopUpStatus::Cancelled as i32;
-        self.result.failure_reason = reason as i32;
-        self.result.failure_detail = detail;
-        self.result.completed_at = Some(now_timestamp());
-        Step::Finished(Box::new(self.result))
+        self.progress.failure = (reason, detail);
+        Step::Finished(Box::new(self.answer(TopUpStatus::Cancelled)))
     }
 
     /// The retry record that resumes this charge at `not_before`.
     fn parked(self, not_before: SystemTime) -> ChargeRetry {
+        let so_far =
+            result_of(&self.command, self.amount, &self.progress, TopUpStatus::Failed, None);
         ChargeRetry {
             method_index: u32::try_from(self.method_index).unwrap_or(u32::MAX),
             attempts_on_method: self.attempts_on_method,
             not_before: Some(timestamp_of(not_before)),
             deadline: Some(timestamp_of(self.deadline)),
-            result_so_far: Some(self.result),
+            result_so_far: Some(so_far),
             command: Some(self.command),
             outcome_unknown: self.outcome_unknown,
             first_attempt_at: self.first_attempt_at.map(timestamp_of),
@@ -640,16 +699,18 @@ impl Charge {
 
     /// Every method was tried or skipped: charged, or (definitely nothing moved) failed —
     /// cancelled when the only obstacle was that the methods left the rule.
-    fn finish(mut self) -> TopUpResult {
-        self.result.completed_at = Some(now_timestamp());
-        let reason = FailureReason::try_from(self.result.failure_reason)
-            .unwrap_or(FailureReason::Unspecified);
-        if self.result.status != TopUpStatus::Succeeded as i32
-            && reason == FailureReason::MethodRemoved
-        {
-            self.result.status = TopUpStatus::Cancelled as i32;
-        }
-        self.result
+    fn finish(self) -> TopUpResult {
+        let status = match (&self.progress.reference, self.progress.failure.0) {
+            (Some(_), _) => TopUpStatus::Succeeded,
+            (None, FailureReason::MethodRemoved) => TopUpStatus::Cancelled,
+            (None, _) => TopUpStatus::Failed,
+        };
+        self.answer(status)
+    }
+
+    /// The final result: `status`, completed now.
+    fn answer(&self, status: TopUpStatus) -> TopUpResult {
+        result_of(&self.command, self.amount, &self.progress, status, Some(now_timestamp()))
     }
 }
 
