@@ -545,3 +545,21 @@ pub fn command(subscriber: &str, id: &str, tokens: &[&str]) -> TopUpCommand {
         rule_version: 0,
     }
 }
+
+/// The sum of the series `name` in the Prometheus text `metrics` whose labels include all of
+/// `labels` (other labels, such as the counting instance's `instance_id`, may be there too).
+pub fn metric(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metrics
+        .lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((metric, rest)) => (metric, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let has = |(k, v): &(&str, &str)| rest.split(',').any(|l| l == format!("{k}=\"{v}\""));
+            (metric == name && labels.iter().all(has)).then(|| value.parse::<f64>().ok())?
+        })
+        .sum()
+}

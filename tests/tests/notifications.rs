@@ -17,7 +17,7 @@ use topup_proto::v1::{
 use topup_proto::Message as _;
 use topup_tests::smtp_sink::SmtpSink;
 use topup_tests::webhook_server::{WebhookServer, SECRET};
-use topup_tests::{cny, rule, Platform, WAIT};
+use topup_tests::{cny, metric, rule, Platform, WAIT};
 
 const NOTIFIER_GROUP: &str = "topup-notifier";
 
@@ -152,12 +152,10 @@ async fn messages_arrive_in_the_subscribers_language_on_every_channel() -> anyho
     assert!(destinations.contains(&"+86 138****5678"), "{destinations:?}");
     assert!(destinations.iter().all(|d| !d.contains("13812345678") && !d.contains("0123456789")));
     let metrics = topup_kafka::ops::render_metrics();
-    for expected in [
-        r#"topup_notification_deliveries_total{channel="sms",status="delivered"} 1"#,
-        r#"topup_notification_deliveries_total{channel="email",status="delivered"} 2"#,
-    ] {
-        assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
-    }
+    let delivered = |channel| [("channel", channel), ("status", "delivered")];
+    let deliveries = "topup_notification_deliveries_total";
+    assert_eq!(metric(&metrics, deliveries, &delivered("sms")), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, deliveries, &delivered("email")), 2.0, "{metrics}");
     platform.stop().await
 }
 

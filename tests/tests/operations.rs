@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use topup_proto::topics;
 use topup_proto::v1::RuleState;
-use topup_tests::{rule, Platform, WAIT};
+use topup_tests::{metric, rule, Platform, WAIT};
 
 async fn get(url: &str) -> anyhow::Result<(u16, String)> {
     let response = reqwest::get(url).await?;
@@ -50,16 +50,24 @@ async fn a_service_says_when_it_is_alive_ready_and_what_it_did() -> anyhow::Resu
     platform.wait_caught_up("topup-evaluator", &[topics::BALANCE, topics::RULES]).await?;
     let (status, metrics) = get(&format!("{base}/metrics")).await?;
     assert_eq!(status, 200);
-    for expected in [
-        r#"topup_records_consumed_total{service="topup-evaluator",topic="carrier.balance.v1"} 2"#,
-        r#"topup_records_consumed_total{service="topup-evaluator",topic="topup.rules.v1"} 1"#,
-        r#"topup_records_produced_total{service="topup-evaluator",topic="topup.commands.v1"} 1"#,
-        "topup_topups_issued_total 1",
-        r#"topup_dead_letters_total{service="topup-evaluator",topic="carrier.balance.v1",reason="undecodable"} 1"#,
-        "topup_command_latency_seconds_count 1",
-    ] {
-        assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
+    let evaluator = |topic| [("service", "topup-evaluator"), ("topic", topic)];
+    let expected = [
+        ("topup_records_consumed_total", evaluator(topics::BALANCE).to_vec(), 2.0),
+        ("topup_records_consumed_total", evaluator(topics::RULES).to_vec(), 1.0),
+        ("topup_records_produced_total", evaluator(topics::COMMANDS).to_vec(), 1.0),
+        ("topup_topups_issued_total", vec![], 1.0),
+        (
+            "topup_dead_letters_total",
+            [evaluator(topics::BALANCE).as_slice(), &[("reason", "undecodable")]].concat(),
+            1.0,
+        ),
+        ("topup_command_latency_seconds_count", vec![], 1.0),
+    ];
+    for (name, labels, value) in expected {
+        assert_eq!(metric(&metrics, name, &labels), value, "{name} {labels:?} in:\n{metrics}");
     }
+    // Counted as the evaluator instance that did it.
+    assert!(metrics.contains("instance_id=\"topup-evaluator-"), "{metrics}");
     child.kill().await?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use topup_proto::v1::{
     DeadLetter, FailureReason, NotificationCommand, NotificationKind, TopUpResult, TopUpStatus,
 };
 use topup_tests::gateway_server::GatewayServer;
-use topup_tests::{charge_key, command, Platform, WAIT};
+use topup_tests::{charge_key, command, metric, Platform, WAIT};
 
 const PAYMENT_GROUP: &str = "topup-payment-worker";
 const RETRY_GROUP: &str = "topup-payment-worker-retries";
@@ -100,14 +100,16 @@ async fn every_gateway_answer_ends_in_one_result_and_at_most_one_charge() -> any
     );
     assert_eq!(gateway.bad_signatures(), 0);
     let metrics = topup_kafka::ops::render_metrics();
-    for expected in [
-        r#"topup_topups_completed_total{status="failed",reason="card_expired"} 2"#,
-        r#"topup_topups_completed_total{status="failed",reason="gateway_unavailable"} 1"#,
-        r#"topup_topups_completed_total{status="succeeded",reason="none"} 5"#,
-        "topup_result_latency_seconds_count 10",
+    let completed = |status, reason| [("status", status), ("reason", reason)];
+    let name = "topup_topups_completed_total";
+    for (labels, value) in [
+        (completed("failed", "card_expired"), 2.0),
+        (completed("failed", "gateway_unavailable"), 1.0),
+        (completed("succeeded", "none"), 5.0),
     ] {
-        assert!(metrics.contains(expected), "no {expected} in:\n{metrics}");
+        assert_eq!(metric(&metrics, name, &labels), value, "{labels:?} in:\n{metrics}");
     }
+    assert_eq!(metric(&metrics, "topup_result_latency_seconds_count", &[]), 10.0, "{metrics}");
 
     // The subscriber hears what to fix.
     let mut notifications = platform.reader::<NotificationCommand>(topics::NOTIFICATIONS)?;

@@ -66,6 +66,27 @@ pub fn health() -> &'static Health {
 /// Label names and values of one series.
 type Labels = Vec<(&'static str, String)>;
 
+tokio::task_local! {
+    /// The pipeline instance (its transactional id) whose task is counting.
+    static INSTANCE: Arc<str>;
+}
+
+/// Runs `work` as pipeline instance `id`: every counter and histogram series it touches
+/// carries `instance_id="<id>"`, so that two instances in one process (tests, the
+/// all-in-one run) count apart. Sums over the label give the process's figure.
+pub async fn as_instance<F: std::future::Future>(id: &str, work: F) -> F::Output {
+    INSTANCE.scope(Arc::from(id), work).await
+}
+
+/// `labels`, and the instance counting, if any.
+fn series(labels: &[(&'static str, &str)]) -> Labels {
+    let mut series = owned(labels);
+    if let Ok(instance) = INSTANCE.try_with(Arc::clone) {
+        series.push(("instance_id", instance.to_string()));
+    }
+    series
+}
+
 fn otel_attributes(labels: &[(&'static str, &str)]) -> Vec<opentelemetry::KeyValue> {
     labels.iter().map(|(k, v)| opentelemetry::KeyValue::new(*k, v.to_string())).collect()
 }
@@ -102,9 +123,10 @@ impl LabeledCounter {
         self.inc_by(labels, 1);
     }
 
-    /// Adds `n` to the series of `labels`.
+    /// Adds `n` to the series of `labels` (and of the instance counting, see
+    /// [`as_instance`]).
     pub fn inc_by(&self, labels: &[(&'static str, &str)], n: u64) {
-        let labels = owned(labels);
+        let labels = series(labels);
         {
             let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
             if let Some(counter) = series.get(&labels) {
@@ -165,14 +187,18 @@ impl LabeledGauge {
 
 /// A latency histogram in seconds, 5 ms to about 80 s (`/metrics` and OTLP, unit `s`).
 pub struct LatencyHistogram {
-    prometheus: Histogram,
+    prometheus: Family<Labels, Histogram, fn() -> Histogram>,
     otel: opentelemetry::metrics::Histogram<f64>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new(latency_buckets())
 }
 
 impl LatencyHistogram {
     /// Registers `topup_<name>` (a name ending in `_seconds`).
     pub fn new(name: &'static str, help: &'static str) -> Self {
-        let prometheus = Histogram::new(latency_buckets());
+        let prometheus = Family::new_with_constructor(latency_histogram as fn() -> Histogram);
         register(name, help, prometheus.clone());
         let otel = crate::telemetry::meter()
             .f64_histogram(format!("topup_{name}"))
@@ -183,11 +209,14 @@ impl LatencyHistogram {
         Self { prometheus, otel }
     }
 
-    /// Records one latency.
+    /// Records one latency (in the series of the instance counting, see [`as_instance`]).
     pub fn observe(&self, seconds: f64) {
-        self.prometheus.observe(seconds);
+        let labels = series(&[]);
+        self.prometheus.get_or_create(&labels).observe(seconds);
         if crate::telemetry::metrics_enabled() {
-            self.otel.record(seconds, &[]);
+            let attributes: Vec<_> =
+                labels.iter().map(|(k, v)| opentelemetry::KeyValue::new(*k, v.clone())).collect();
+            self.otel.record(seconds, &attributes);
         }
     }
 }
@@ -295,4 +324,28 @@ pub fn seconds_since(observed_at: Option<&topup_proto::Timestamp>) -> Option<f64
 /// Registers a metric in the process registry.
 pub fn register(name: &str, help: &str, metric: impl prometheus_client::registry::Metric) {
     registry().lock().unwrap_or_else(PoisonError::into_inner).register(name, help, metric);
+}
+
+#[cfg(test)]
+mod instance_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn two_instances_in_one_process_count_apart() {
+        let counter = LabeledCounter::new("test_instances", "Counted by two instances");
+        as_instance("a", async { counter.inc(&[("kind", "x")]) }).await;
+        as_instance("b", async {
+            counter.inc(&[("kind", "x")]);
+            counter.inc(&[("kind", "x")]);
+        })
+        .await;
+        assert_eq!(counter.sum(&[("instance_id", "a")]), 1);
+        assert_eq!(counter.sum(&[("instance_id", "b")]), 2);
+        assert_eq!(counter.sum(&[("kind", "x")]), 3);
+        let text = render_metrics();
+        assert!(
+            text.contains(r#"topup_test_instances_total{kind="x",instance_id="b"} 2"#),
+            "{text}"
+        );
+    }
 }

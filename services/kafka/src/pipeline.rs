@@ -129,6 +129,20 @@ where
     P: Processor,
     F: Fn() -> P,
 {
+    // What this instance counts is labelled with its transactional id (`instance_id`).
+    let instance = spec.transactional_id.clone();
+    crate::ops::as_instance(&instance, incarnations(spec, make_processor, shutdown)).await
+}
+
+async fn incarnations<P, F>(
+    spec: PipelineSpec,
+    make_processor: F,
+    shutdown: CancellationToken,
+) -> Result<()>
+where
+    P: Processor,
+    F: Fn() -> P,
+{
     let mut backoff = Duration::from_millis(500);
     for incarnation in 0u64.. {
         let task = Task::new(make_processor());
