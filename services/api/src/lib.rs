@@ -72,7 +72,7 @@ pub struct Config {
     pub code_key_file: Option<PathBuf>,
 
     /// Smallest and largest single top-up per carrier, minor units: `cmcc=1000-50000,*=100-100000`.
-    #[arg(long, env = "CARRIER_LIMITS", default_value = "*=100-100000")]
+    #[arg(long, env = "CARRIER_LIMITS", default_value_t = CarrierLimits::default())]
     pub carrier_limits: CarrierLimits,
 
     /// How long a confirmation code works (0: codes expire at once; for tests).

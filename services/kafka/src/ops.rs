@@ -78,6 +78,11 @@ pub async fn as_instance<F: std::future::Future>(id: &str, work: F) -> F::Output
     INSTANCE.scope(Arc::from(id), work).await
 }
 
+/// A series' labels as OpenTelemetry attributes.
+fn otel_series(labels: &Labels) -> Vec<opentelemetry::KeyValue> {
+    labels.iter().map(|(k, v)| opentelemetry::KeyValue::new(*k, v.clone())).collect()
+}
+
 /// `labels`, and the instance counting, if any.
 fn series(labels: &[(&'static str, &str)]) -> Labels {
     let mut series = owned(labels);
@@ -138,9 +143,7 @@ impl LabeledCounter {
             }
         }
         if crate::telemetry::metrics_enabled() {
-            let attributes: Vec<_> =
-                labels.iter().map(|(k, v)| opentelemetry::KeyValue::new(*k, v.clone())).collect();
-            self.otel.add(n, &attributes);
+            self.otel.add(n, &otel_series(&labels));
         }
     }
 
@@ -214,9 +217,7 @@ impl LatencyHistogram {
         let labels = series(&[]);
         self.prometheus.get_or_create(&labels).observe(seconds);
         if crate::telemetry::metrics_enabled() {
-            let attributes: Vec<_> =
-                labels.iter().map(|(k, v)| opentelemetry::KeyValue::new(*k, v.clone())).collect();
-            self.otel.record(seconds, &attributes);
+            self.otel.record(seconds, &otel_series(&labels));
         }
     }
 }

@@ -131,35 +131,26 @@ where
 {
     // What this instance counts is labelled with its transactional id (`instance_id`).
     let instance = spec.transactional_id.clone();
-    crate::ops::as_instance(&instance, incarnations(spec, make_processor, shutdown)).await
-}
-
-async fn incarnations<P, F>(
-    spec: PipelineSpec,
-    make_processor: F,
-    shutdown: CancellationToken,
-) -> Result<()>
-where
-    P: Processor,
-    F: Fn() -> P,
-{
-    let mut backoff = Duration::from_millis(500);
-    for incarnation in 0u64.. {
-        let task = Task::new(make_processor());
-        match run_incarnation(&spec, incarnation, task, &shutdown).await {
-            Ok(()) => return Ok(()),
-            Err(error) => {
-                tracing::error!(service = spec.service, %error, ?backoff, "pipeline failed; restarting");
-                tokio::select! {
-                    // Shutting down while backing off: nothing is in flight, stop now.
-                    _ = shutdown.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(backoff) => {}
+    crate::ops::as_instance(&instance, async move {
+        let mut backoff = Duration::from_millis(500);
+        for incarnation in 0u64.. {
+            let task = Task::new(make_processor());
+            match run_incarnation(&spec, incarnation, task, &shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(error) => {
+                    tracing::error!(service = spec.service, %error, ?backoff, "pipeline failed; restarting");
+                    tokio::select! {
+                        // Shutting down while backing off: nothing is in flight, stop now.
+                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
             }
         }
-    }
-    Ok(())
+        Ok(())
+    })
+    .await
 }
 
 /// An incarnation's transactional producer, every blocking call of it bounded.

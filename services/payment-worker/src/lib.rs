@@ -117,7 +117,7 @@ pub struct Config {
     #[arg(
         long = "payment-max-command-age",
         env = "PAYMENT_MAX_COMMAND_AGE",
-        default_value = "*=1800",
+        default_value_t = CommandAges::default(),
         value_parser = CommandAges::parse
     )]
     pub max_command_age: CommandAges,
@@ -269,6 +269,15 @@ mod tests {
         for expected in ["PAYMENT_GATEWAY", "`http`", "`sandbox`"] {
             assert!(error.contains(expected), "{expected} not in {error:?}");
         }
+    }
+
+    #[test]
+    fn command_ages_read_back_what_they_show() {
+        let ages = CommandAges::parse("card=900,wechat_pay=86400,*=600").unwrap();
+        assert_eq!(ages.to_string(), "card=900,wechat_pay=86400,*=600");
+        assert_eq!(CommandAges::parse(&ages.to_string()).unwrap(), ages);
+        // The default, as --help shows it.
+        assert_eq!(Config::new(KafkaArgs::new("b:9092")).max_command_age.to_string(), "*=1800");
     }
 
     #[test]

@@ -102,6 +102,17 @@ impl Default for CommandAges {
     }
 }
 
+impl std::fmt::Display for CommandAges {
+    /// `kind=seconds,...,*=seconds`, as [`CommandAges::parse`] reads it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (kind, age) in &self.by_kind {
+            let name = kind.as_str_name().trim_start_matches("PAYMENT_METHOD_KIND_");
+            write!(f, "{}={},", name.to_ascii_lowercase(), age.as_secs())?;
+        }
+        write!(f, "*={}", self.default.as_secs())
+    }
+}
+
 impl CommandAges {
     /// Parses `kind=seconds,...,*=seconds`.
     pub fn parse(raw: &str) -> Result<Self, String> {

@@ -21,7 +21,7 @@ struct Cli {
     #[arg(long)]
     no_simulator: bool,
     /// Subscribers the simulator plays.
-    #[arg(long, env = "SIM_SUBSCRIBERS", default_value_t = 300)]
+    #[arg(long, env = "SIM_SUBSCRIBERS", default_value_t = simulator::SimulatorConfig::default().subscribers)]
     subscribers: usize,
     /// Stop after this many seconds and print a summary.
     #[arg(long)]
