@@ -92,10 +92,6 @@ fn series(labels: &[(&'static str, &str)]) -> Labels {
     series
 }
 
-fn otel_attributes(labels: &[(&'static str, &str)]) -> Vec<opentelemetry::KeyValue> {
-    labels.iter().map(|(k, v)| opentelemetry::KeyValue::new(*k, v.to_string())).collect()
-}
-
 fn owned(labels: &[(&'static str, &str)]) -> Labels {
     labels.iter().map(|(k, v)| (*k, v.to_string())).collect()
 }
@@ -183,7 +179,7 @@ impl LabeledGauge {
     pub fn set(&self, labels: &[(&'static str, &str)], value: i64) {
         self.prometheus.get_or_create(&owned(labels)).set(value);
         if crate::telemetry::metrics_enabled() {
-            self.otel.record(value, &otel_attributes(labels));
+            self.otel.record(value, &otel_series(&owned(labels)));
         }
     }
 }

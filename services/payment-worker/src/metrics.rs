@@ -125,23 +125,39 @@ impl InternalEvent for GatewayAsked {
     }
 }
 
+/// Why a charge waits on the retry topic (the `why` label).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Parked {
+    /// The gateway said it processed nothing; charged again after a backoff.
+    GatewayUnavailable,
+    /// Money may have moved; asked about with the same key after a backoff.
+    OutcomeUnknown,
+    /// The rule view has not read up to the command's rule yet.
+    RulesBehind,
+}
+
+impl Parked {
+    fn label(self) -> &'static str {
+        match self {
+            Self::GatewayUnavailable => "gateway_unavailable",
+            Self::OutcomeUnknown => "outcome_unknown",
+            Self::RulesBehind => "rules_behind",
+        }
+    }
+}
+
 /// A charge was parked on the retry topic, to be charged (or asked about) when due.
 pub(crate) struct ChargeParked<'a> {
     pub(crate) subscriber: &'a SubscriberId,
     pub(crate) retry: &'a ChargeRetry,
+    pub(crate) why: Parked,
 }
 
 impl InternalEvent for ChargeParked<'_> {
     fn emit(self) {
-        let result = self.retry.result_so_far.as_ref();
-        let why = match result.map(|r| FailureReason::try_from(r.failure_reason)) {
-            _ if self.retry.outcome_unknown => "outcome_unknown",
-            Some(Ok(FailureReason::GatewayUnavailable)) if self.retry.attempts_on_method > 0 => {
-                "gateway_unavailable"
-            }
-            _ => "rules_behind",
-        };
+        let why = self.why.label();
         metrics().parked.inc(&[("why", why)]);
+        let result = self.retry.result_so_far.as_ref();
         tracing::info!(
             subscriber = %self.subscriber,
             command_id = self.retry.command.as_ref().map_or("", |c| c.command_id.as_str()),

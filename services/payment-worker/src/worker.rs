@@ -32,7 +32,7 @@ use topup_proto::v1::{
 };
 
 use crate::gateway::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
-use crate::metrics::{ChargeParked, GatewayAsked, TopUpAnswered};
+use crate::metrics::{ChargeParked, GatewayAsked, Parked, TopUpAnswered};
 use crate::reason::reason_code;
 use crate::rules::{method_id_of, RuleView};
 
@@ -243,7 +243,7 @@ enum Step {
     /// answer the evaluator.
     Finished(Box<TopUpResult>),
     /// Charge (or ask about) the same method again later, from the retry lane.
-    Later(Box<ChargeRetry>),
+    Later(Box<ChargeRetry>, Parked),
 }
 
 /// May the current method be charged now?
@@ -326,8 +326,8 @@ impl<G: PaymentGateway> PaymentWorker<G> {
         let command_id = charge.command.command_id.clone();
         let (step, expired) = self.advance(charge, rules_current).await;
         let mut out = match step {
-            Step::Later(retry) => {
-                topup_kafka::emit(ChargeParked { subscriber: &subscriber, retry: &retry });
+            Step::Later(retry, why) => {
+                topup_kafka::emit(ChargeParked { subscriber: &subscriber, retry: &retry, why });
                 vec![Output::message(topics::PAYMENT_RETRIES, subscriber.as_str(), &*retry)]
             }
             Step::Finished(result) => {
@@ -608,7 +608,8 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                         && not_before <= charge.deadline
                     {
                         charge.progress.failure = (FailureReason::GatewayUnavailable, detail);
-                        return (Step::Later(Box::new(charge.parked(not_before))), expired);
+                        let parked = Box::new(charge.parked(not_before));
+                        return (Step::Later(parked, Parked::GatewayUnavailable), expired);
                     }
                     // Nothing was processed (the gateway said so each time): the next
                     // method may be tried.
@@ -636,7 +637,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
         let not_before = SystemTime::now() + wait;
         if not_before <= charge.deadline {
             charge.progress.failure = (FailureReason::OutcomeUnknown, detail);
-            return Step::Later(Box::new(charge.parked(not_before)));
+            return Step::Later(Box::new(charge.parked(not_before)), Parked::OutcomeUnknown);
         }
         charge.progress.failure = (
             FailureReason::OutcomeUnknown,
@@ -651,7 +652,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
     fn wait_for_rules(&self, mut charge: Charge) -> Step {
         let not_before = SystemTime::now() + self.retry.initial_backoff.min(Duration::from_secs(1));
         if not_before <= charge.deadline {
-            return Step::Later(Box::new(charge.parked(not_before)));
+            return Step::Later(Box::new(charge.parked(not_before)), Parked::RulesBehind);
         }
         charge.progress.failure = (
             FailureReason::GatewayUnavailable,
