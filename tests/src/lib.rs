@@ -69,6 +69,8 @@ pub struct Platform {
     /// The sandbox gateway, to count charges.
     pub gateway: topup_payment_worker::Sandbox,
     producer: FutureProducer,
+    /// The services' state stores (`STATE_DIR`), one directory per instance.
+    pub state_dir: tempfile::TempDir,
 }
 
 impl Platform {
@@ -90,6 +92,8 @@ impl Platform {
         // Short timeouts, so restarts and rebalances in tests take seconds (docs/kafka.md).
         kafka.session_timeout_ms = 6_000;
         kafka.transaction_timeout_ms = 6_000;
+        let state_dir = tempfile::tempdir()?;
+        kafka.state_dir = Some(state_dir.path().to_path_buf());
         let producer = kafka.producer().create()?;
         Ok(Self {
             kafka_cluster,
@@ -98,6 +102,7 @@ impl Platform {
             services: JoinSet::new(),
             gateway: topup_payment_worker::Sandbox::new(),
             producer,
+            state_dir,
         })
     }
 

@@ -65,6 +65,10 @@ fn spawn_child(platform: &Platform) -> anyhow::Result<tokio::process::Child> {
         .env("KAFKA_MOCK_CLUSTER", platform.kafka.mock_cluster.to_string())
         .env("KAFKA_SESSION_TIMEOUT_MS", platform.kafka.session_timeout_ms.to_string())
         .env("KAFKA_TRANSACTION_TIMEOUT_MS", platform.kafka.transaction_timeout_ms.to_string())
+        // The restarted evaluator is the same instance: it finds its state store where the
+        // killed one left it (never ahead of what was committed) and replays the tail.
+        .env("STATE_DIR", platform.state_dir.path())
+        .env("EVALUATOR_TRANSACTIONAL_ID", "evaluator-child")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -185,4 +189,155 @@ async fn reordered_and_duplicated_balances_give_exactly_the_commands_the_rules_c
         .collect();
     assert_eq!(sequences, expected);
     platform.stop().await
+}
+
+/// Records the evaluator's changelog holds now (committed ones).
+async fn changelog_records(platform: &Platform) -> anyhow::Result<u64> {
+    let mut records = 0;
+    for partition in 0..topup_tests::PARTITIONS {
+        let kafka = platform.kafka.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            topup_kafka::read_partition_to_end(&kafka, topics::EVALUATOR_STATE, partition, WAIT)
+        })
+        .await??;
+        records += read.len() as u64;
+    }
+    Ok(records)
+}
+
+/// Checkpointed restore: the evaluator restarted as the same instance (its state directory
+/// kept) reads only the changelog written since its store's checkpoint — nothing, after a
+/// clean stop — while a new instance without a store reads all of it; either way every
+/// subscriber's state carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_evaluator_reads_only_the_changelog_written_since_its_checkpoint(
+) -> anyhow::Result<()> {
+    let platform = Platform::cluster()?;
+    let subs = subscribers(100);
+    for s in &subs {
+        platform.publish_rule(rule(s, "tok_approve_4242", RuleState::Active)).await?;
+    }
+    let restored =
+        |instance: &str| topup_kafka::pipeline_metrics().restored.sum(&[("instance_id", instance)]);
+    let start = |instance: &str| {
+        let mut config = topup_evaluator::Config::new(platform.kafka.clone());
+        config.transactional_id = Some(instance.into());
+        let stop = platform.shutdown.child_token();
+        (stop.clone(), tokio::spawn(topup_evaluator::run(config, stop)))
+    };
+    let (early, late) = subs.split_at(subs.len() / 2);
+
+    let (stop, running) = start("evaluator-kept");
+    publish_round(&platform, &subs, 0).await?;
+    publish_round(&platform, early, 1).await?;
+    platform.wait_caught_up(GROUP, INPUTS).await?;
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await???;
+    assert_eq!(restored("evaluator-kept"), 0, "the first start found an empty changelog");
+    let written = changelog_records(&platform).await?;
+    assert!(written >= 2 * subs.len() as u64, "a rule and a state each: {written}");
+
+    let (stop, running) = start("evaluator-kept");
+    publish_round(&platform, late, 1).await?;
+    platform.wait_caught_up(GROUP, INPUTS).await?;
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await???;
+    assert_eq!(restored("evaluator-kept"), 0, "stopped cleanly, its store was at the end");
+
+    let written = changelog_records(&platform).await?;
+    let (stop, running) = start("evaluator-new");
+    for round in 2..ROUNDS.len() {
+        publish_round(&platform, &subs, round).await?;
+    }
+    platform.wait_caught_up(GROUP, INPUTS).await?;
+    assert_eq!(restored("evaluator-new"), written, "no store: the whole changelog");
+    assert_one_command_each(&subs, &commands_by_subscriber(&platform).await?);
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await???;
+    Ok(())
+}
+
+/// Sets the evaluator changelog's compaction so that it happens within seconds: segments
+/// roll after 100 ms and any dirt is worth cleaning (the broker's cleaner looks every 15 s).
+async fn compact_changelog_at_once(platform: &Platform) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        platform.kafka.producer().create()?;
+    // AlterConfigs replaces the topic's whole configuration: every setting is given.
+    let mut config = AlterConfig::new(ResourceSpecifier::Topic(topics::EVALUATOR_STATE));
+    for (key, value) in topup_kafka::COMPACTION {
+        config = config.set(key, value);
+    }
+    let config = config.set("segment.ms", "100").set("min.cleanable.dirty.ratio", "0.01");
+    for outcome in admin.alter_configs(&[config], &AdminOptions::new()).await? {
+        outcome.map_err(|(_, code)| anyhow::anyhow!("altering the changelog: {code:?}"))?;
+    }
+    Ok(())
+}
+
+/// Compaction on the real broker: the changelog of busy subscribers is compacted while the
+/// evaluator runs, and an evaluator restored from it without a store of its own (cold) has
+/// every subscriber's state — its rule, and its balance sequence (a stale balance is still
+/// recognised as stale).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_restore_from_a_compacted_changelog_keeps_every_state() -> anyhow::Result<()> {
+    let platform = Platform::cluster()?;
+    if platform.kafka_cluster.is_mock() {
+        println!("librdkafka's mock cluster does not compact: nothing to prove here");
+        return Ok(());
+    }
+    compact_changelog_at_once(&platform).await?;
+    let subs = subscribers(20);
+    for s in &subs {
+        platform.publish_rule(rule(s, "tok_approve_4242", RuleState::Active)).await?;
+    }
+    let start = |instance: &str| {
+        let mut config = topup_evaluator::Config::new(platform.kafka.clone());
+        config.transactional_id = Some(instance.into());
+        let stop = platform.shutdown.child_token();
+        (stop.clone(), tokio::spawn(topup_evaluator::run(config, stop)))
+    };
+    let (stop, running) = start("evaluator-busy");
+    // Balances above the threshold, round after round, until the broker has compacted some
+    // of the state records away.
+    let written =
+        || topup_kafka::pipeline_metrics().produced.sum(&[("topic", topics::EVALUATOR_STATE)]);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut sequence = 0u64;
+    loop {
+        sequence += 1;
+        for s in &subs {
+            platform.publish_balance(s, 2_000 + sequence as i64, sequence).await?;
+        }
+        platform.wait_caught_up(GROUP, INPUTS).await?;
+        let (written, kept) = (written(), changelog_records(&platform).await?);
+        if kept < written {
+            println!("after {sequence} rounds: {kept} of {written} changelog records kept");
+            break;
+        }
+        anyhow::ensure!(
+            tokio::time::Instant::now() < deadline,
+            "no compaction after {sequence} rounds ({written} records written)"
+        );
+    }
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await???;
+
+    // While no evaluator runs: a stale balance below the threshold (must be ignored), then
+    // a fresh one (must top up once).
+    for s in &subs {
+        platform.publish_balance(s, 500, sequence - 1).await?;
+        platform.publish_balance(s, 500, sequence + 1).await?;
+    }
+    let (stop, running) = start("evaluator-cold");
+    platform.wait_caught_up(GROUP, INPUTS).await?;
+    let commands = commands_by_subscriber(&platform).await?;
+    for s in &subs {
+        let sequences: Vec<u64> =
+            commands.get(s).map(|c| c.iter().map(|(seq, _)| *seq).collect()).unwrap_or_default();
+        assert_eq!(sequences, [sequence + 1], "{s}: one top-up, for the fresh balance");
+    }
+    stop.cancel();
+    tokio::time::timeout(WAIT, running).await???;
+    Ok(())
 }

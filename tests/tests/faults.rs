@@ -390,6 +390,12 @@ fn spawn(
         .env("KAFKA_MOCK_CLUSTER", platform.kafka.mock_cluster.to_string())
         .env("KAFKA_SESSION_TIMEOUT_MS", platform.kafka.session_timeout_ms.to_string())
         .env("KAFKA_TRANSACTION_TIMEOUT_MS", platform.kafka.transaction_timeout_ms.to_string())
+        // Each restart is the same instance (a StatefulSet's pod): it finds its state
+        // store where it left it and replays only the changelog's tail.
+        .env("STATE_DIR", platform.state_dir.path())
+        .env("EVALUATOR_TRANSACTIONAL_ID", "evaluator-child")
+        .env("PAYMENT_TRANSACTIONAL_ID", "payment-worker-child")
+        .env("NOTIFIER_TRANSACTIONAL_ID", "notifier-child")
         .env("PAYMENT_GATEWAY", "http")
         .env("PAYMENT_GATEWAY_URL", gateway)
         .env("PAYMENT_GATEWAY_SECRET", SECRET)

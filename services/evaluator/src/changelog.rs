@@ -6,7 +6,6 @@
 //! when the rule changes, and everything else under `"<subscriber>"` (see
 //! [`SubscriberState::encode_record`]), so that a balance event — the common case — writes
 //! a small record, not the rule again. A space never occurs in a subscriber id.
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use topup_domain::{Rule, SubscriberId};
@@ -18,8 +17,13 @@ use topup_proto::Message;
 use crate::decide::SubscriberState;
 
 /// The evaluator's changelog, for the pipeline's task.
-pub(crate) const CHANGELOG: Changelog<SubscriberState> =
-    Changelog { topic: topup_proto::topics::EVALUATOR_STATE, records, restore: apply };
+pub(crate) const CHANGELOG: Changelog<SubscriberState> = Changelog {
+    topic: topup_proto::topics::EVALUATOR_STATE,
+    records,
+    keys: |subscriber| keys_of(subscriber).into(),
+    owner: |key| rule_key_subscriber(key).unwrap_or(key),
+    restore: apply,
+};
 
 /// Suffix of the key holding a subscriber's rule.
 const RULE_KEY_SUFFIX: &str = " rule";
@@ -67,46 +71,34 @@ pub(crate) fn records(
     records
 }
 
-/// Folds one changelog record into a partition's states.
+/// Folds the record under `changelog_key` into `subscriber`'s state. The rule's own key
+/// comes after the subscriber's in [`keys_of`], so a rule written under its key replaces one
+/// carried by a record written before the split.
 pub(crate) fn apply(
-    states: &mut HashMap<String, SubscriberState>,
-    key: &str,
-    value: Option<&[u8]>,
+    state: &mut Option<SubscriberState>,
+    subscriber: &str,
+    changelog_key: &str,
+    value: &[u8],
 ) -> Result<(), String> {
-    if let Some(subscriber) = rule_key_subscriber(key) {
-        let rule = match value {
-            None => None,
-            Some(bytes) => {
-                let raw = wire::AutoTopUpRule::decode(bytes).map_err(|e| e.to_string())?;
-                Some(Arc::new(Rule::try_from(&raw).map_err(|e| e.to_string())?))
-            }
-        };
-        match states.get_mut(subscriber) {
-            Some(state) => state.rule = rule,
+    if rule_key_subscriber(changelog_key).is_some() {
+        let raw = wire::AutoTopUpRule::decode(value).map_err(|e| e.to_string())?;
+        let rule = Arc::new(Rule::try_from(&raw).map_err(|e| e.to_string())?);
+        match state {
+            Some(state) => state.rule = Some(rule),
             None => {
                 let id = SubscriberId::parse(subscriber).map_err(|e| e.to_string())?;
-                let mut state = SubscriberState::new(id);
-                state.rule = rule;
-                states.insert(subscriber.to_string(), state);
+                let mut fresh = SubscriberState::new(id);
+                fresh.rule = Some(rule);
+                *state = Some(fresh);
             }
         }
         return Ok(());
     }
-    let Some(bytes) = value else {
-        states.remove(key);
-        return Ok(());
-    };
-    let mut record = changelog::SubscriberState::decode(bytes).map_err(|e| e.to_string())?;
+    let mut record = changelog::SubscriberState::decode(value).map_err(|e| e.to_string())?;
     if record.subscriber_id.is_empty() {
         // Left out when written: it is the key.
-        record.subscriber_id = key.to_string();
+        record.subscriber_id = subscriber.to_string();
     }
-    let mut state = SubscriberState::try_from(&record).map_err(|e| e.to_string())?;
-    // Records without a rule leave the rule written under its own key in place (records
-    // written before the split carry their rule and replace it).
-    if record.rule.is_none() {
-        state.rule = states.get(key).and_then(|s| s.rule.clone());
-    }
-    states.insert(key.to_string(), state);
+    *state = Some(SubscriberState::try_from(&record).map_err(|e| e.to_string())?);
     Ok(())
 }

@@ -636,6 +636,66 @@ pub fn credit_overdue(
     (state, Some(notice))
 }
 
+/// When the tick has work for `state` (seconds since the epoch), so that it is looked at
+/// then and not before: the day its monthly top-up or an expiry reminder is due
+/// ([`on_day`]), the moment its top-up in flight has waited too long for a result
+/// ([`reissue_overdue`]), the moment a charged top-up's credit is overdue
+/// ([`credit_overdue`]). `None`: nothing comes without an input record.
+pub fn next_due(state: &SubscriberState, now: Timestamp, settings: &Settings) -> Option<i64> {
+    let today = now.seconds.div_euclid(86_400);
+    let day_work = state.rule.as_deref().and_then(|rule| next_day_work(state, rule, today));
+    let reissue = match (&state.in_flight, state.rule.as_deref(), &state.balance) {
+        (Some(flight), Some(rule), Some(_))
+            if settings.reissue_after_secs > 0
+                && rule.is_active()
+                && flight.reissued < MAX_REISSUES
+                && !flight.awaiting_reconciliation =>
+        {
+            Some(match flight.issued_at {
+                0 => now.seconds,
+                issued => issued.saturating_add(settings.reissue_after_secs),
+            })
+        }
+        _ => None,
+    };
+    let credit = state.credit_watch.as_ref().filter(|w| !w.raised).map(|w| w.due);
+    [day_work.map(|day| day.saturating_mul(86_400)), reissue, credit].into_iter().flatten().min()
+}
+
+/// The first UTC day from `today` on which [`on_day`] has something to do.
+fn next_day_work(state: &SubscriberState, rule: &Rule, today: i64) -> Option<i64> {
+    let monthly = rule.monthly.filter(|_| rule.is_active()).map(|monthly| {
+        if state.monthly_period < YearMonth::of_day(today).to_string() {
+            monthly.due_day_in_month_of(today).max(today)
+        } else {
+            monthly.due_day_in_month_of(YearMonth::of_day(today).end_day())
+        }
+    });
+    let reminders =
+        matches!(rule.state, RuleState::Active | RuleState::Paused | RuleState::Confirmed)
+            .then(|| {
+                rule.payment_methods
+                    .iter()
+                    .filter_map(|method| {
+                        let expires = method.expires?;
+                        let end = expires.end_day();
+                        let reminded =
+                            state.expiry_reminded.contains(&format!("{}|{expires}", method.token));
+                        // From 30 days before, or from the first of the month it expires in.
+                        let first_of_month = topup_domain::calendar::days_from_civil(
+                            i64::from(expires.year),
+                            expires.month,
+                            1,
+                        );
+                        let from = (end - EXPIRY_REMINDER_DAYS).min(first_of_month).max(today);
+                        (!reminded && from < end).then_some(from)
+                    })
+                    .min()
+            })
+            .flatten();
+    [monthly, reminders].into_iter().flatten().min()
+}
+
 /// Days before a payment method's expiry when the subscriber is reminded to update it.
 pub const EXPIRY_REMINDER_DAYS: i64 = 30;
 

@@ -643,3 +643,72 @@ fn a_charged_top_up_the_carrier_does_not_credit_is_raised_once() {
     (acknowledged, _) = run_from(acknowledged, vec![ack]);
     assert!(acknowledged.credit_watch.is_none());
 }
+
+/// A subscriber looked at only when `next_due` says gets exactly what looking at it every
+/// day gives (monthly top-ups, expiry reminders), and every look finds work: the tick
+/// needs no scan of every subscriber.
+#[test]
+fn looking_only_when_due_gives_what_looking_every_day_gives() {
+    let settings = Settings::default();
+    let cases = [
+        (monthly_rule(15, "2026-06"), at(2026, 3, 1)),
+        (monthly_rule(31, "2027-02"), at(2026, 1, 20)),
+        (monthly_rule(5, ""), at(2026, 3, 20)),
+        (wire_rule(wire::RuleState::Paused), at(2026, 3, 20)),
+    ];
+    for (raw, start) in cases {
+        let mut raw = raw;
+        if raw.monthly.is_none() {
+            raw.payment_methods[0].expires = "2026-05".into();
+        }
+        let (mut daily, mut indexed) = (with_rule(&raw, start), with_rule(&raw, start));
+        let (mut every_day, mut when_due, mut idle_looks) = (Vec::new(), Vec::new(), 0);
+        for n in 0..500 {
+            let now = Timestamp { seconds: start.seconds + n * 86_400 + 3_600, nanos: 0 };
+            let (after, effects) = on_day(daily, now);
+            daily = after;
+            if !effects.is_empty() {
+                every_day.push((n, effects.len()));
+            }
+            if next_due(&indexed, now, &settings).is_some_and(|due| due <= now.seconds) {
+                let (after, effects) = on_day(indexed, now);
+                indexed = after;
+                if effects.is_empty() {
+                    idle_looks += 1;
+                } else {
+                    when_due.push((n, effects.len()));
+                }
+            }
+        }
+        assert!(!every_day.is_empty(), "{raw:?}: the case has work");
+        assert_eq!(when_due, every_day, "{raw:?}");
+        assert_eq!(idle_looks, 0, "{raw:?}");
+    }
+}
+
+#[test]
+fn a_top_up_in_flight_and_a_watched_credit_come_due_when_they_are_overdue() {
+    let settings = Settings { reissue_after_secs: 600, ..Settings::default() };
+    let (mut state, _) =
+        run(vec![rule_event(&wire_rule(wire::RuleState::Active)), balance(850, 1)]);
+    let issued = state.in_flight.as_ref().map(|f| f.issued_at).unwrap_or_default();
+    assert!(issued > 0);
+    assert_eq!(next_due(&state, NOW, &settings), Some(issued + 600));
+    // Reissued as often as allowed: nothing more comes due.
+    if let Some(flight) = state.in_flight.as_mut() {
+        flight.reissued = MAX_REISSUES;
+    }
+    assert_eq!(next_due(&state, NOW, &settings), None);
+    state.credit_watch = Some(Box::new(CreditWatch {
+        command_id: "c".into(),
+        amount: Money::new(Currency::parse("CNY").unwrap(), 5000),
+        balance_before_minor: 850,
+        due: 1_790_000_900,
+        raised: false,
+    }));
+    assert_eq!(next_due(&state, NOW, &settings), Some(1_790_000_900));
+    if let Some(watch) = state.credit_watch.as_mut() {
+        watch.raised = true;
+    }
+    assert_eq!(next_due(&state, NOW, &settings), None);
+}

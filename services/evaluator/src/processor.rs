@@ -1,8 +1,6 @@
 //! Where a record becomes a decision: decode and validate the input, `decide` with the
 //! subscriber's state (which the pipeline's task hands over and keeps), and turn the
 //! effects into records. The changelog format is in [`crate::changelog`].
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::SystemTime;
 
 use topup_domain::{BalanceObservation, Rule, SubscriberId, TopUpOutcome};
@@ -11,24 +9,19 @@ use topup_proto::topics;
 use topup_proto::v1::{BalanceUpdated, RuleUpdated, TopUpResult};
 
 use crate::decide::{
-    credit_overdue, decide, on_day, reissue, reissue_overdue, Effect, Event, InputRecord, Settings,
-    SubscriberState,
+    credit_overdue, decide, next_due, on_day, reissue, reissue_overdue, Effect, Event, InputRecord,
+    Settings, SubscriberState,
 };
 use crate::metrics::{CreditOverdue, TopUpIssued, TopUpReissued};
 
 /// The evaluator's Kafka-facing half; the decision itself is in [`crate::decide`].
 pub struct Evaluator {
     settings: Settings,
-    /// The UTC day every subscriber was last looked at for [`on_day`] (monthly top-ups,
-    /// expiry reminders); [`NOT_SCANNED`] after a (re)assignment.
-    scanned_day: AtomicI64,
     /// On the mock cluster, which shows records of transactions never committed, the
     /// record that issued the top-up in flight may be read again after a crash: its command
     /// is then issued again (see [`crate::decide::reissue`]). Never on Apache Kafka.
     reissue_on_reread: bool,
 }
-
-const NOT_SCANNED: i64 = i64::MIN;
 
 /// How far ahead of the record's own time a balance's `observed_at` may be.
 const MAX_CLOCK_SKEW_SECS: i64 = 300;
@@ -36,20 +29,8 @@ const MAX_CLOCK_SKEW_SECS: i64 = 300;
 impl Evaluator {
     /// An evaluator with no partitions yet.
     pub fn new(kafka: KafkaArgs, settings: Settings) -> Self {
-        Self {
-            settings,
-            reissue_on_reread: kafka.mock_cluster,
-            scanned_day: AtomicI64::new(NOT_SCANNED),
-        }
+        Self { settings, reissue_on_reread: kafka.mock_cluster }
     }
-
-    fn scanned_today(&self, now: SystemTime) -> bool {
-        self.scanned_day.load(Ordering::Relaxed) == day_of(now)
-    }
-}
-
-fn day_of(now: SystemTime) -> i64 {
-    topup_kafka::timestamp_of(now).seconds.div_euclid(86_400)
 }
 
 fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
@@ -177,13 +158,12 @@ impl Processor for Evaluator {
         Ok(out)
     }
 
-    /// A subscriber with a rule once per UTC day (monthly top-ups, expiry reminders); a
-    /// top-up in flight (it may wait too long for its result); a charged top-up whose
-    /// credit is watched.
-    fn due(&self, state: &SubscriberState, now: SystemTime) -> bool {
-        (state.rule.is_some() && !self.scanned_today(now))
-            || (state.in_flight.is_some() && self.settings.reissue_after_secs > 0)
-            || state.credit_watch.is_some()
+    /// A monthly top-up's or an expiry reminder's day; a top-up in flight waiting too
+    /// long for its result; a charged top-up whose credit is overdue (see [`next_due`]).
+    fn due_at(&self, state: &SubscriberState, now: SystemTime) -> Option<SystemTime> {
+        let second = next_due(state, topup_kafka::timestamp_of(now), &self.settings)?;
+        let second = u64::try_from(second).unwrap_or(0);
+        Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(second))
     }
 
     async fn on_due(
@@ -196,7 +176,7 @@ impl Processor for Evaluator {
         let Some(mut current) = state.take() else { return out };
         let subscriber = current.subscriber.clone();
         let now_ts = topup_kafka::timestamp_of(now);
-        if current.rule.is_some() && !self.scanned_today(now) {
+        if current.rule.is_some() {
             let (after, effects) = on_day(current, now_ts);
             current = after;
             emit(effects, &subscriber, &mut out);
@@ -231,21 +211,12 @@ impl Processor for Evaluator {
         *state = Some(current);
         out
     }
-
-    fn ticked(&self, now: SystemTime) {
-        self.scanned_day.store(day_of(now), Ordering::Relaxed);
-    }
-
-    fn assigned(&self, _partitions: &BTreeSet<i32>) {
-        self.scanned_day.store(NOT_SCANNED, Ordering::Relaxed);
-    }
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
     use crate::changelog::apply as apply_record;
-    use std::collections::HashMap;
     use topup_kafka::Task;
     use topup_proto::evaluator::v1 as changelog;
     use topup_proto::v1 as wire;
@@ -279,30 +250,37 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn restore_folds_the_rule_key_and_the_state_key_in_any_order() {
-        let mut states = HashMap::new();
+    fn the_rule_key_and_the_state_key_read_back_as_one_state_whatever_their_order() {
+        let kafka = KafkaArgs::new("unused:9092");
+        let mut task = Task::new(Evaluator::new(kafka, Settings::default()));
+        let mut write = |key: &str, value: Option<&[u8]>| task.restore_one(0, key, value).unwrap();
         let rule = raw_rule("sub-1").encode_to_vec();
         // Rule first, then state records: the rule stays.
-        apply_record(&mut states, "sub-1 rule", Some(&rule)).unwrap();
-        apply_record(&mut states, "sub-1", Some(&dynamic("sub-1", 1))).unwrap();
-        apply_record(&mut states, "sub-1", Some(&dynamic("sub-1", 2))).unwrap();
-        let state = &states["sub-1"];
-        assert!(state.rule.is_some());
-        assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(2));
+        write("sub-1 rule", Some(&rule));
+        write("sub-1", Some(&dynamic("sub-1", 1)));
+        write("sub-1", Some(&dynamic("sub-1", 2)));
         // State first, then the rule.
-        apply_record(&mut states, "sub-2", Some(&dynamic("sub-2", 5))).unwrap();
-        apply_record(&mut states, "sub-2 rule", Some(&raw_rule("sub-2").encode_to_vec())).unwrap();
-        assert!(states["sub-2"].rule.is_some());
-        assert_eq!(states["sub-2"].balance.as_ref().map(|b| b.sequence), Some(5));
-        // A rule tombstone removes the rule, and later state records do not bring it back.
-        apply_record(&mut states, "sub-1 rule", None).unwrap();
-        apply_record(&mut states, "sub-1", Some(&dynamic("sub-1", 3))).unwrap();
-        assert!(states["sub-1"].rule.is_none());
+        write("sub-2", Some(&dynamic("sub-2", 5)));
+        write("sub-2 rule", Some(&raw_rule("sub-2").encode_to_vec()));
         // A record written before the split carries its rule.
         let mut old = changelog::SubscriberState::decode(dynamic("sub-3", 1).as_slice()).unwrap();
         old.rule = Some(raw_rule("sub-3"));
-        apply_record(&mut states, "sub-3", Some(&old.encode_to_vec())).unwrap();
-        assert!(states["sub-3"].rule.is_some());
+        write("sub-3", Some(&old.encode_to_vec()));
+        // Garbage is skipped with a reason.
+        write("sub-4 rule", Some(b"\xff\xff"));
+        let state = task.state(0, "sub-1").unwrap();
+        assert!(state.rule.is_some());
+        assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(2));
+        let state = task.state(0, "sub-2").unwrap();
+        assert!(state.rule.is_some());
+        assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(5));
+        assert!(task.state(0, "sub-3").unwrap().rule.is_some());
+        assert!(task.state(0, "sub-4").is_none());
+        // A rule tombstone removes the rule, and later state records do not bring it back.
+        task.restore_one(0, "sub-1 rule", None).unwrap();
+        task.restore_one(0, "sub-1", Some(&dynamic("sub-1", 3))).unwrap();
+        assert!(task.state(0, "sub-1").unwrap().rule.is_none());
+
         // The compact record (no subscriber id, no in-flight command id) reads back whole.
         let settings = Settings::default();
         let now = topup_proto::Timestamp { seconds: 1_764_000_000, nanos: 0 };
@@ -321,13 +299,11 @@ pub(crate) mod tests {
             decide(state, Event::Balance(observation), "t", now, &settings).unwrap();
         assert!(!effects.is_empty());
         let issued = state.in_flight.as_ref().map(|f| f.command_id.clone()).unwrap();
-        apply_record(&mut states, "sub-5", Some(&state.encode_record())).unwrap();
-        assert_eq!(states["sub-5"].in_flight.as_ref().map(|f| f.command_id.clone()), Some(issued));
-        assert_eq!(states["sub-5"].subscriber.as_str(), "sub-5");
-
-        // Garbage is refused with a reason, the states untouched.
-        assert!(apply_record(&mut states, "sub-4 rule", Some(b"\xff\xff")).is_err());
-        assert!(!states.contains_key("sub-4"));
+        let mut read = None;
+        apply_record(&mut read, "sub-5", "sub-5", &state.encode_record()).unwrap();
+        let read = read.unwrap();
+        assert_eq!(read.in_flight.as_ref().map(|f| f.command_id.clone()), Some(issued));
+        assert_eq!(read.subscriber.as_str(), "sub-5");
     }
 
     fn input(topic: &str, offset: i64, key: &str, payload: Vec<u8>) -> Input {
@@ -380,7 +356,7 @@ pub(crate) mod tests {
             let mut second = Task::new(Evaluator::new(kafka, settings));
             for o in out.iter().filter(|o| o.topic == topics::EVALUATOR_STATE) {
                 let key = String::from_utf8(o.key.clone()).unwrap();
-                second.restore_one(0, &key, o.payload.as_deref());
+                second.restore_one(0, &key, o.payload.as_deref()).unwrap();
             }
             let mut again = Vec::new();
             for answer in second.process(&records[1..]).await.unwrap() {

@@ -57,12 +57,38 @@ pub struct KafkaArgs {
     /// its partitions until the session timeout, since static members do not leave the group.
     #[arg(long = "kafka-static-membership", env = "KAFKA_STATIC_MEMBERSHIP")]
     pub static_membership: bool,
+
+    /// Directory for the pipelines' local state stores (one file per assigned partition,
+    /// under a directory per instance). A restart then replays only the changelog's tail
+    /// since the store's checkpoint. Unset, the stores are kept in memory and every
+    /// assignment reads the whole changelog partition.
+    #[arg(long = "state-dir", env = "STATE_DIR")]
+    pub state_dir: Option<std::path::PathBuf>,
+
+    /// States kept parsed in memory per assigned partition (the rest are read from the
+    /// store when needed): with a state directory, this and the page cache bound the
+    /// memory whatever the subscriber count.
+    #[arg(long = "state-cache-entries", env = "STATE_CACHE_ENTRIES", default_value_t = 20_000)]
+    pub state_cache_entries: usize,
+
+    /// Bytes of the store's page cache per assigned partition.
+    #[arg(long = "state-page-cache-bytes", env = "STATE_PAGE_CACHE_BYTES", default_value_t = 16 << 20)]
+    pub state_page_cache_bytes: usize,
 }
 
 impl KafkaArgs {
     /// Settings for `brokers` with every default.
     pub fn new(brokers: impl Into<String>) -> Self {
         Self { brokers: brokers.into(), ..clap_defaults() }
+    }
+
+    /// Where the pipelines keep their state stores.
+    pub fn store(&self) -> crate::StoreConfig {
+        crate::StoreConfig {
+            dir: self.state_dir.clone(),
+            cache_entries: self.state_cache_entries,
+            page_cache_bytes: self.state_page_cache_bytes,
+        }
     }
 
     fn base(&self) -> ClientConfig {

@@ -22,6 +22,9 @@ pub enum Error {
     /// A processor could not rebuild its state.
     #[error("restoring state: {0}")]
     Restore(String),
+    /// A local state store cannot be read or written.
+    #[error("state store: {0}")]
+    Store(String),
     /// The service's settings cannot work; the message says which one and why.
     #[error("configuration: {0}")]
     Config(String),

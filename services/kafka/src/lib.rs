@@ -13,6 +13,7 @@ mod refusal;
 mod restore;
 mod runtime;
 mod settings;
+mod store;
 pub mod telemetry;
 mod topics;
 
@@ -32,4 +33,5 @@ pub use refusal::Refusal;
 pub use restore::read_partition_to_end;
 pub use runtime::{finish_service, init_logging, instance_id, shutdown_on_signal, start_service};
 pub use settings::{clap_defaults, parse_secret, read_secret_file, secret_or_file};
-pub use topics::{create_topics, create_topics_on_mock, TopicSpec, DEFAULT_PARTITIONS};
+pub use store::StoreConfig;
+pub use topics::{create_topics, create_topics_on_mock, TopicSpec, COMPACTION, DEFAULT_PARTITIONS};

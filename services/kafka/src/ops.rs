@@ -229,6 +229,12 @@ pub struct PipelineMetrics {
     pub dead_letters: LabeledCounter,
     /// `topup_consumer_lag_records{service,topic,partition}`.
     pub lag: LabeledGauge,
+    /// `topup_state_restored_records_total{topic}`: changelog records read into local
+    /// state stores.
+    pub restored: LabeledCounter,
+    /// `topup_state_restore_remaining_records{topic,partition}`: how far a restore in
+    /// progress has still to read (0 once done).
+    pub restore_remaining: LabeledGauge,
 }
 
 /// The process's metric registry (namespace `topup`).
@@ -248,6 +254,14 @@ pub fn pipeline_metrics() -> &'static PipelineMetrics {
             "Records sent to the dead-letter topic, per source topic",
         ),
         lag: LabeledGauge::new("consumer_lag_records", "Records not yet consumed, per partition"),
+        restored: LabeledCounter::new(
+            "state_restored_records",
+            "Changelog records read into local state stores, per changelog topic",
+        ),
+        restore_remaining: LabeledGauge::new(
+            "state_restore_remaining_records",
+            "Changelog records a restore in progress has still to read, per partition",
+        ),
     })
 }
 

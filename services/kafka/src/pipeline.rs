@@ -3,7 +3,7 @@
 //! so outputs and progress are committed together or not at all (exactly-once within
 //! Kafka). Shape after rust-rdkafka's `examples/at_least_once.rs` and
 //! `tests/test_transactions.rs`.
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -13,8 +13,9 @@ use rdkafka::consumer::{
     StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
@@ -46,11 +47,46 @@ pub struct PipelineSpec {
     pub inputs: Vec<&'static str>,
     /// Most records processed in one transaction.
     pub max_batch: usize,
-    /// How often the processor's due keys are looked at ([`Processor::due`]); `None`
+    /// How often the processor's due keys are looked at ([`Processor::due_at`]); `None`
     /// never.
     pub tick_every: Option<Duration>,
     /// Connection settings.
     pub kafka: KafkaArgs,
+}
+
+/// The producer of an incarnation: it remembers the offset of the last record delivered to
+/// each partition of the processor's changelog, which becomes its stores' checkpoint once
+/// the transaction has committed.
+type BaseProducer = rdkafka::producer::BaseProducer<Deliveries>;
+
+/// See [`BaseProducer`].
+#[derive(Default)]
+struct Deliveries {
+    changelog: Option<&'static str>,
+    last: Mutex<HashMap<i32, i64>>,
+}
+
+impl Deliveries {
+    /// The last offset delivered per changelog partition since the last call.
+    fn take(&self) -> HashMap<i32, i64> {
+        std::mem::take(&mut *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let Ok(message) = result else { return };
+        if self.changelog != Some(message.topic()) {
+            return;
+        }
+        let mut last = self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let offset = last.entry(message.partition()).or_insert(-1);
+        *offset = (*offset).max(message.offset());
+    }
 }
 
 #[derive(Debug)]
@@ -134,7 +170,8 @@ where
     crate::ops::as_instance(&instance, async move {
         let mut backoff = Duration::from_millis(500);
         for incarnation in 0u64.. {
-            let task = Task::new(make_processor());
+            let task = Task::new(make_processor())
+                .with_store(spec.kafka.store(), &spec.transactional_id);
             match run_incarnation(&spec, incarnation, task, &shutdown).await {
                 Ok(()) => return Ok(()),
                 Err(error) => {
@@ -278,8 +315,12 @@ async fn run_incarnation<P: Processor>(
         .kafka
         .pipeline_consumer(&spec.group_id, &spec.transactional_id)
         .create_with_context(RebalanceLog { service: spec.service, ..RebalanceLog::default() })?;
-    let txn =
-        Txn::new(spec.kafka.transactional_producer(&spec.transactional_id).create()?, &spec.kafka)?;
+    let deliveries = Deliveries { changelog: P::CHANGELOG.map(|c| c.topic), ..Default::default() };
+    let producer = spec
+        .kafka
+        .transactional_producer(&spec.transactional_id)
+        .create_with_context(deliveries)?;
+    let txn = Txn::new(producer, &spec.kafka)?;
     let clients = Clients(Some((consumer, txn)));
     let served = match &clients.0 {
         Some((consumer, txn)) => serve(spec, consumer, txn, &mut task, shutdown).await,
@@ -351,13 +392,15 @@ async fn serve<P: Processor>(
             _ = housekeeping.tick() => {
                 // Partitions revoked meanwhile must not be acted on by this instance.
                 apply_rebalances(spec, consumer, task).await?;
+                task.sync_stores()?;
                 if let Some(every) = spec.tick_every {
                     if last_tick.elapsed() >= every {
                         last_tick = tokio::time::Instant::now();
-                        let out = task.tick(SystemTime::now()).await;
+                        let out = task.tick(SystemTime::now()).await?;
                         if !out.is_empty() {
                             commit_outputs(txn, &out).await?;
                         }
+                        task.committed(&txn.producer.context().take())?;
                     }
                 }
                 continue;
@@ -438,6 +481,7 @@ async fn apply_rebalances<P: Processor>(
 
 /// Produces `outputs` in a transaction of their own (no input offsets).
 async fn commit_outputs(txn: &Txn, outputs: &[Output]) -> Result<()> {
+    txn.producer.context().take();
     txn.producer.begin_transaction()?;
     for output in outputs {
         if let Err(error) = send(&txn.producer, output).await {
@@ -474,6 +518,7 @@ async fn process_batch<P: Processor>(
             batch.len()
         )));
     }
+    txn.producer.context().take();
     txn.producer.begin_transaction()?;
     let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     // Counted per batch, once it is committed.
@@ -519,6 +564,8 @@ async fn process_batch<P: Processor>(
     // On failure the outputs are discarded and the offsets not advanced; the processor's
     // memory is now ahead of Kafka, so this incarnation ends and the next one restores it.
     txn.finish(Some((list.clone(), metadata))).await?;
+    // Committed: the stores take the batch's state, checkpointed at its changelog records.
+    task.committed(&txn.producer.context().take())?;
     // Counted before the offsets become visible to the group (tests wait on those).
     let metrics = crate::ops::pipeline_metrics();
     for (topic, n) in consumed {
@@ -612,7 +659,9 @@ mod tests {
         cluster.coordinator(MockCoordinator::Group("group".into()), 3)?;
         let mut kafka = KafkaArgs::new(cluster.bootstrap_servers());
         kafka.transaction_timeout_ms = 2_000;
-        let txn = Txn::new(kafka.transactional_producer("txn").create()?, &kafka)?;
+        let producer =
+            kafka.transactional_producer("txn").create_with_context(Deliveries::default())?;
+        let txn = Txn::new(producer, &kafka)?;
         txn.call("init_transactions", |p, t| p.init_transactions(t)).await?;
         txn.producer.begin_transaction()?;
         send(&txn.producer, &Output::tombstone("out", "key")).await?;

@@ -6,14 +6,15 @@
 //! and rebuilds it from the changelog on assignment.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::time::{Duration, SystemTime};
 
 use futures::StreamExt;
+use lru::LruCache;
 
-use crate::{read_partition_to_end, Error, Input, KafkaArgs, Output, Refusal, Result};
-
-/// How long restoring one partition's state may take.
-const RESTORE_DEADLINE: Duration = Duration::from_secs(60);
+use crate::restore::restore_store;
+use crate::store::{PartitionStore, StoreBatch, StoreConfig};
+use crate::{Error, Input, KafkaArgs, Output, Refusal, Result};
 
 /// What one input record gives: its outputs, or why it was refused.
 pub type Answer = std::result::Result<Vec<Output>, Refusal>;
@@ -60,10 +61,12 @@ pub trait Processor: Send + Sync + 'static {
         1
     }
 
-    /// Whether [`Processor::on_due`] should run for this state at this tick.
-    fn due(&self, state: &Self::State, now: SystemTime) -> bool {
+    /// When [`Processor::on_due`] should run for this state (`None`: nothing is to come
+    /// without an input record). Kept in an index with the state, so that a tick looks only
+    /// at the keys that are due.
+    fn due_at(&self, state: &Self::State, now: SystemTime) -> Option<SystemTime> {
         let _ = (state, now);
-        false
+        None
     }
 
     /// What comes due for a key without an input record (a notification held over quiet
@@ -77,42 +80,44 @@ pub trait Processor: Send + Sync + 'static {
         let _ = (key, state, now);
         async { Vec::new() }
     }
-
-    /// Every due key of this tick was looked at.
-    fn ticked(&self, now: SystemTime) {
-        let _ = now;
-    }
-
-    /// Partitions were assigned (their state is restored by then).
-    fn assigned(&self, partitions: &BTreeSet<i32>) {
-        let _ = partitions;
-    }
 }
 
 /// A state's changelog: its topic (same partition count as the processor's inputs,
 /// compacted), under which keys a change is written and how records fold back into states.
+/// The local store (see [`crate::store`]) holds these same records under the same keys.
 pub struct Changelog<S> {
     /// The compacted topic.
     pub topic: &'static str,
     /// The records that bring a key's state from `before` to `after`; none when nothing
     /// that is kept changed.
     pub records: fn(key: &str, before: Option<&S>, after: Option<&S>) -> Vec<StateRecord>,
-    /// Folds one record (its key and value, `None` for a tombstone) into the states of its
-    /// partition; an error names what is wrong with the record.
+    /// The changelog keys a key's state is written under, in the order `restore` folds them.
+    pub keys: fn(key: &str) -> Vec<String>,
+    /// The key whose state changelog key `changelog_key` holds (part of).
+    pub owner: fn(changelog_key: &str) -> &str,
+    /// Folds the record written under `changelog_key` into `key`'s state; an error names
+    /// what is wrong with the record.
     pub restore: RestoreRecord<S>,
 }
 
 /// See [`Changelog::restore`].
 pub type RestoreRecord<S> = fn(
-    states: &mut HashMap<String, S>,
+    state: &mut Option<S>,
     key: &str,
-    value: Option<&[u8]>,
+    changelog_key: &str,
+    value: &[u8],
 ) -> std::result::Result<(), String>;
 
 impl<S: prost::Message + PartialEq + Default> Changelog<S> {
     /// A state kept whole under its key, as one protobuf message.
     pub const fn whole(topic: &'static str) -> Self {
-        Self { topic, records: whole_state_records::<S>, restore: restore_whole::<S> }
+        Self {
+            topic,
+            records: whole_state_records::<S>,
+            keys: |key| vec![key.to_string()],
+            owner: |changelog_key| changelog_key,
+            restore: restore_whole::<S>,
+        }
     }
 }
 
@@ -128,18 +133,12 @@ fn whole_state_records<T: prost::Message + PartialEq>(
 }
 
 fn restore_whole<T: prost::Message + Default>(
-    states: &mut HashMap<String, T>,
-    key: &str,
-    value: Option<&[u8]>,
+    state: &mut Option<T>,
+    _key: &str,
+    _changelog_key: &str,
+    value: &[u8],
 ) -> std::result::Result<(), String> {
-    match value {
-        None => {
-            states.remove(key);
-        }
-        Some(bytes) => {
-            states.insert(key.to_string(), T::decode(bytes).map_err(|e| e.to_string())?);
-        }
-    }
+    *state = Some(T::decode(value).map_err(|e| e.to_string())?);
     Ok(())
 }
 
@@ -159,25 +158,102 @@ impl Default for TransientRetry {
     }
 }
 
-/// A processor and the state of the partitions assigned to it.
-pub struct Task<P: Processor> {
-    processor: P,
-    partitions: HashMap<i32, HashMap<String, P::State>>,
-    retry: TransientRetry,
-}
-
 /// One key's records of a batch: their indexes in the batch and events.
 type Jobs<E> = Vec<(usize, E)>;
 
+/// Keys a tick looks at per partition, at most; the rest wait for the next tick.
+const DUE_PER_TICK: usize = 10_000;
+
+/// A processor and the state of the partitions assigned to it.
+pub struct Task<P: Processor> {
+    processor: P,
+    partitions: HashMap<i32, Partition<P::State>>,
+    retry: TransientRetry,
+    store: StoreConfig,
+    /// Whose stores these are (the pipeline's transactional id).
+    instance: String,
+}
+
+/// One assigned partition's state: the store, the states read from it lately, and what work
+/// not yet committed to Kafka changed.
+struct Partition<S> {
+    store: PartitionStore,
+    cache: LruCache<String, Option<S>>,
+    pending: HashMap<String, Option<S>>,
+    batch: StoreBatch,
+}
+
+impl<S: Clone> Partition<S> {
+    fn new(store: PartitionStore, cache_entries: usize) -> Self {
+        let entries = NonZeroUsize::new(cache_entries).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            store,
+            cache: LruCache::new(entries),
+            pending: HashMap::new(),
+            batch: StoreBatch::default(),
+        }
+    }
+
+    /// `key`'s state: as uncommitted work left it, as cached, or as read from the store.
+    fn load(&mut self, changelog: &Changelog<S>, partition: i32, key: &str) -> Option<S> {
+        if let Some(state) = self.pending.get(key) {
+            return state.clone();
+        }
+        if let Some(state) = self.cache.get(key) {
+            return state.clone();
+        }
+        let state = self.read(changelog, partition, key);
+        self.cache.put(key.to_string(), state.clone());
+        state
+    }
+
+    /// `key`'s state as the store holds it.
+    fn read(&self, changelog: &Changelog<S>, partition: i32, key: &str) -> Option<S> {
+        let mut state = None;
+        for changelog_key in (changelog.keys)(key) {
+            let value = match self.store.get(&changelog_key) {
+                Ok(Some(value)) => value,
+                Ok(None) => continue,
+                Err(error) => {
+                    tracing::error!(topic = changelog.topic, partition, key, %error, "state store unreadable");
+                    continue;
+                }
+            };
+            if let Err(error) = (changelog.restore)(&mut state, key, &changelog_key, &value) {
+                // The next change of that key replaces it.
+                tracing::error!(topic = changelog.topic, partition, key = %changelog_key, %error, "unreadable state record skipped");
+            }
+        }
+        state
+    }
+}
+
+fn seconds_of(time: SystemTime) -> i64 {
+    crate::timestamp_of(time).seconds
+}
+
 impl<P: Processor> Task<P> {
-    /// A task with no partitions yet.
+    /// A task with no partitions yet, its stores in memory.
     pub fn new(processor: P) -> Self {
-        Self { processor, partitions: HashMap::new(), retry: TransientRetry::default() }
+        Self {
+            processor,
+            partitions: HashMap::new(),
+            retry: TransientRetry::default(),
+            store: StoreConfig { dir: None, cache_entries: 20_000, page_cache_bytes: 16 << 20 },
+            instance: String::new(),
+        }
     }
 
     /// Processes transient refusals again under `retry`.
     pub fn with_transient_retry(mut self, retry: TransientRetry) -> Self {
         self.retry = retry;
+        self
+    }
+
+    /// Keeps the partitions' stores as `store` says, as those of `instance`.
+    pub fn with_store(mut self, store: StoreConfig, instance: &str) -> Self {
+        self.store = store;
+        self.instance = instance.to_string();
         self
     }
 
@@ -187,70 +263,146 @@ impl<P: Processor> Task<P> {
     }
 
     /// The state of `key` in `partition`, if it has one.
-    pub fn state(&self, partition: i32, key: &str) -> Option<&P::State> {
-        self.partitions.get(&partition)?.get(key)
+    pub fn state(&self, partition: i32, key: &str) -> Option<P::State> {
+        let changelog = P::CHANGELOG?;
+        let part = self.partitions.get(&partition)?;
+        if let Some(state) = part.pending.get(key) {
+            return state.clone();
+        }
+        if let Some(state) = part.cache.peek(key) {
+            return state.clone();
+        }
+        part.read(&changelog, partition, key)
     }
 
-    /// Keys with state in every assigned partition.
-    pub fn len(&self) -> usize {
-        self.partitions.values().map(HashMap::len).sum()
-    }
-
-    /// No key has state.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Rebuilds the state of newly assigned `partitions` from the changelog. Unreadable
-    /// records are logged and skipped (the next change of that key replaces them).
-    pub async fn assign(&mut self, kafka: &KafkaArgs, partitions: &BTreeSet<i32>) -> Result<()> {
-        if let Some(Changelog { topic, .. }) = P::CHANGELOG {
-            for &partition in partitions {
-                let reader = kafka.clone();
-                let records = tokio::task::spawn_blocking(move || {
-                    read_partition_to_end(&reader, topic, partition, RESTORE_DEADLINE)
-                })
-                .await??;
-                for record in &records {
-                    let Some(key) = record.key_str() else { continue };
-                    self.restore(partition, key, record.payload.as_deref(), record.offset, topic);
-                }
-                let states = self.partitions.entry(partition).or_default().len();
-                tracing::info!(
-                    topic,
-                    partition,
-                    keys = states,
-                    records = records.len(),
-                    "state restored"
-                );
+    fn partition(&mut self, partition: i32) -> Result<&mut Partition<P::State>> {
+        let changelog = P::CHANGELOG.map_or("", |c| c.topic);
+        match self.partitions.entry(partition) {
+            std::collections::hash_map::Entry::Occupied(entry) => Ok(entry.into_mut()),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let store =
+                    PartitionStore::open(&self.store, &self.instance, changelog, partition)?;
+                Ok(entry.insert(Partition::new(store, self.store.cache_entries)))
             }
         }
-        self.processor.assigned(partitions);
-        Ok(())
     }
 
-    /// Folds one changelog record into `partition`'s state, as a restore does.
-    pub fn restore_one(&mut self, partition: i32, key: &str, value: Option<&[u8]>) {
-        let topic = P::CHANGELOG.map_or("", |changelog| changelog.topic);
-        self.restore(partition, key, value, -1, topic);
+    fn load(&mut self, partition: i32, key: &str) -> Result<Option<P::State>> {
+        let Some(changelog) = P::CHANGELOG else { return Ok(None) };
+        Ok(self.partition(partition)?.load(&changelog, partition, key))
     }
 
-    fn restore(
+    /// Keeps `after` as `key`'s state until the work is committed, with the changelog
+    /// records of the change (answered, to be produced) and when the key comes due (not
+    /// before `not_before`).
+    fn put(
         &mut self,
         partition: i32,
         key: &str,
-        value: Option<&[u8]>,
-        offset: i64,
-        topic: &str,
-    ) {
-        let Some(changelog) = P::CHANGELOG else { return };
-        let states = self.partitions.entry(partition).or_default();
-        if let Err(error) = (changelog.restore)(states, key, value) {
-            tracing::error!(topic, partition, offset, %error, "unreadable state record skipped");
-        }
+        before: Option<&P::State>,
+        after: Option<P::State>,
+        not_before: Option<i64>,
+    ) -> Result<Vec<Output>> {
+        let Some(changelog) = P::CHANGELOG else { return Ok(Vec::new()) };
+        let records = (changelog.records)(key, before, after.as_ref());
+        let now = SystemTime::now();
+        let due = after
+            .as_ref()
+            .and_then(|state| self.processor.due_at(state, now))
+            .map(|when| seconds_of(when).max(not_before.unwrap_or(i64::MIN)));
+        let part = self.partition(partition)?;
+        part.batch.records.extend(records.iter().cloned());
+        part.batch.due.push((key.to_string(), due));
+        part.pending.insert(key.to_string(), after);
+        Ok(records
+            .into_iter()
+            .map(|(key, value)| Output {
+                topic: changelog.topic,
+                partition: Some(partition),
+                key: key.into_bytes(),
+                payload: value,
+                headers: Vec::new(),
+            })
+            .collect())
     }
 
-    /// Forgets the state of revoked `partitions`.
+    /// The work answered since the last call is committed to Kafka, its changelog records
+    /// at up to the offsets `delivered` (by partition): the stores take it, checkpointed.
+    pub fn committed(&mut self, delivered: &HashMap<i32, i64>) -> Result<()> {
+        for (partition, part) in &mut self.partitions {
+            if part.batch.is_empty() && part.pending.is_empty() {
+                continue;
+            }
+            let mut batch = std::mem::take(&mut part.batch);
+            if !batch.records.is_empty() {
+                batch.checkpoint = delivered.get(partition).map(|offset| offset + 1);
+            }
+            part.store.apply(&batch)?;
+            for (key, state) in part.pending.drain() {
+                part.cache.put(key, state);
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings the stores of newly assigned `partitions` up to the end of the changelog:
+    /// from their checkpoint when they have one, from the beginning otherwise.
+    pub async fn assign(&mut self, kafka: &KafkaArgs, partitions: &BTreeSet<i32>) -> Result<()> {
+        let Some(changelog) = P::CHANGELOG else { return Ok(()) };
+        for &partition in partitions {
+            self.partitions.remove(&partition);
+            let store =
+                PartitionStore::open(&self.store, &self.instance, changelog.topic, partition)?;
+            let (reader, instance) = (kafka.clone(), self.instance.clone());
+            let (store, touched, records) = tokio::task::spawn_blocking(move || {
+                let mut store = store;
+                let at = (changelog.topic, partition);
+                restore_store(&reader, &mut store, at, changelog.owner, &instance)
+                    .map(|(touched, records)| (store, touched, records))
+            })
+            .await??;
+            crate::ops::pipeline_metrics().restored.inc_by(&[("topic", changelog.topic)], records);
+            let mut part = Partition::new(store, self.store.cache_entries);
+            // The due index of every key the replay changed.
+            let now = SystemTime::now();
+            let mut due = StoreBatch::default();
+            for key in touched {
+                let when = part
+                    .read(&changelog, partition, &key)
+                    .and_then(|state| self.processor.due_at(&state, now))
+                    .map(seconds_of);
+                due.due.push((key, when));
+            }
+            part.store.apply(&due)?;
+            self.partitions.insert(partition, part);
+        }
+        Ok(())
+    }
+
+    /// Writes one changelog record into `partition`'s store, as a restore does.
+    pub fn restore_one(&mut self, partition: i32, key: &str, value: Option<&[u8]>) -> Result<()> {
+        let Some(changelog) = P::CHANGELOG else { return Ok(()) };
+        let part = self.partition(partition)?;
+        let batch = StoreBatch {
+            records: vec![(key.to_string(), value.map(<[u8]>::to_vec))],
+            ..StoreBatch::default()
+        };
+        part.store.apply(&batch)?;
+        part.cache.pop((changelog.owner)(key));
+        Ok(())
+    }
+
+    /// Makes the stores durable when their last durable commit is a while ago (between
+    /// batches: what a crash loses of a store is then at most that while's changelog, which
+    /// a restart replays).
+    pub fn sync_stores(&mut self) -> Result<()> {
+        for part in self.partitions.values_mut() {
+            part.store.sync_if_stale()?;
+        }
+        Ok(())
+    }
+
+    /// Closes the stores of revoked `partitions`.
     pub fn revoke(&mut self, partitions: &BTreeSet<i32>) {
         for partition in partitions {
             self.partitions.remove(partition);
@@ -258,8 +410,9 @@ impl<P: Processor> Task<P> {
     }
 
     /// Processes a batch and answers, in input order, each record's outputs or refusal;
-    /// the changelog records of what changed are part of the answers. Fails only when a
-    /// transient refusal outlasted its retries: nothing of the batch may be committed then.
+    /// the changelog records of what changed are part of the answers. Fails when a
+    /// transient refusal outlasted its retries (nothing of the batch may be committed
+    /// then) or a store cannot be read.
     pub async fn process(&mut self, batch: &[Input]) -> Result<Vec<Answer>> {
         let mut answers: Vec<Option<Answer>> = vec![None; batch.len()];
         let mut groups: BTreeMap<(i32, String), Jobs<P::Event>> = BTreeMap::new();
@@ -272,13 +425,11 @@ impl<P: Processor> Task<P> {
             }
         }
         let context = self.processor.begin_batch(batch).await;
-        let work: Vec<_> = groups
-            .into_iter()
-            .map(|((partition, key), jobs)| {
-                let state = self.partitions.entry(partition).or_default().remove(&key);
-                (partition, key, state, jobs)
-            })
-            .collect();
+        let mut work = Vec::with_capacity(groups.len());
+        for ((partition, key), jobs) in groups {
+            let state = self.load(partition, &key)?;
+            work.push((partition, key, state, jobs));
+        }
         let (processor, retry, context) = (&self.processor, self.retry, &context);
         let done: Vec<_> = futures::stream::iter(work.into_iter().map(
             |(partition, key, state, jobs)| async move {
@@ -293,16 +444,7 @@ impl<P: Processor> Task<P> {
         .await;
         let mut given_up = None;
         for (partition, key, before, state, answered) in done {
-            let records = state_records::<P>(partition, &key, before.as_ref(), state.as_ref());
-            let states = self.partitions.entry(partition).or_default();
-            match state {
-                Some(state) => {
-                    states.insert(key.clone(), state);
-                }
-                None => {
-                    states.remove(&key);
-                }
-            }
+            let records = self.put(partition, &key, before.as_ref(), state, None)?;
             let last_ok = answered.iter().rev().find(|(_, a)| a.is_ok()).map(|(i, _)| *i);
             for (index, answer) in answered {
                 if let Err(Refusal::Transient(reason)) = &answer {
@@ -316,57 +458,40 @@ impl<P: Processor> Task<P> {
         }
         if let Some(reason) = given_up {
             // The state of this batch's keys is ahead of what will be committed: the
-            // caller ends the incarnation, and the next one restores it.
+            // caller ends the incarnation, and the next one reads the stores again.
             return Err(Error::Transient(reason));
         }
         Ok(answers.into_iter().map(|a| a.unwrap_or_else(|| Ok(Vec::new()))).collect())
     }
 
-    /// Runs [`Processor::on_due`] for every key whose state is due at `now`; answers the
-    /// outputs with the changelog records of what changed.
-    pub async fn tick(&mut self, now: SystemTime) -> Vec<Output> {
+    /// Runs [`Processor::on_due`] for the keys due at `now` (found in the due index, not by
+    /// looking at every key); answers the outputs with the changelog records of what
+    /// changed.
+    pub async fn tick(&mut self, now: SystemTime) -> Result<Vec<Output>> {
+        let second = seconds_of(now);
         let mut due = Vec::new();
-        for (partition, states) in &self.partitions {
-            for (key, state) in states {
-                if self.processor.due(state, now) {
-                    due.push((*partition, key.clone()));
-                }
+        for (partition, part) in &self.partitions {
+            for key in part.store.due_until(second, DUE_PER_TICK)? {
+                due.push((*partition, key));
             }
         }
         let mut out = Vec::new();
         for (partition, key) in due {
-            let states = self.partitions.entry(partition).or_default();
-            let mut state = states.remove(&key);
+            let mut state = self.load(partition, &key)?;
             let before = state.clone();
-            out.extend(self.processor.on_due(&key, &mut state, now).await);
-            out.extend(state_records::<P>(partition, &key, before.as_ref(), state.as_ref()));
-            if let Some(state) = state {
-                self.partitions.entry(partition).or_default().insert(key, state);
+            let is_due = state
+                .as_ref()
+                .and_then(|s| self.processor.due_at(s, now))
+                .is_some_and(|when| when <= now);
+            if is_due {
+                out.extend(self.processor.on_due(&key, &mut state, now).await);
             }
+            // Not due again within this second, whatever the processor says (a key whose
+            // work cannot be done yet must not be looked at on every tick).
+            out.extend(self.put(partition, &key, before.as_ref(), state, Some(second + 1))?);
         }
-        self.processor.ticked(now);
-        out
+        Ok(out)
     }
-}
-
-/// The changelog records of `key`'s change, on the partition of its input.
-fn state_records<P: Processor>(
-    partition: i32,
-    key: &str,
-    before: Option<&P::State>,
-    after: Option<&P::State>,
-) -> Vec<Output> {
-    let Some(changelog) = P::CHANGELOG else { return Vec::new() };
-    (changelog.records)(key, before, after)
-        .into_iter()
-        .map(|(key, value)| Output {
-            topic: changelog.topic,
-            partition: Some(partition),
-            key: key.into_bytes(),
-            payload: value,
-            headers: Vec::new(),
-        })
-        .collect()
 }
 
 /// One key's records of a batch, in order, from `state`: each is processed with the state
@@ -449,8 +574,13 @@ mod tests {
         type Event = String;
         type State = u32;
         type Batch = ();
-        const CHANGELOG: Option<Changelog<u32>> =
-            Some(Changelog { topic: "counts", records: count_records, restore: restore_count });
+        const CHANGELOG: Option<Changelog<u32>> = Some(Changelog {
+            topic: "counts",
+            records: count_records,
+            keys: |key| vec![key.to_string()],
+            owner: |key| key,
+            restore: restore_count,
+        });
 
         fn decode(&self, input: &Input) -> std::result::Result<(String, String), Refusal> {
             let value = input.payload.as_deref().ok_or(Refusal::NoValue)?;
@@ -478,8 +608,8 @@ mod tests {
             }
         }
 
-        fn due(&self, state: &u32, _now: SystemTime) -> bool {
-            *state >= 2
+        fn due_at(&self, state: &u32, now: SystemTime) -> Option<SystemTime> {
+            (*state >= 2).then_some(now)
         }
 
         async fn on_due(
@@ -501,17 +631,12 @@ mod tests {
     }
 
     fn restore_count(
-        states: &mut HashMap<String, u32>,
-        key: &str,
-        value: Option<&[u8]>,
+        state: &mut Option<u32>,
+        _key: &str,
+        _changelog_key: &str,
+        value: &[u8],
     ) -> std::result::Result<(), String> {
-        match value {
-            None => states.remove(key),
-            Some(v) => states.insert(
-                key.to_string(),
-                String::from_utf8_lossy(v).parse().map_err(|_| "not a count")?,
-            ),
-        };
+        *state = Some(String::from_utf8_lossy(value).parse().map_err(|_| "not a count")?);
         Ok(())
     }
 
@@ -559,8 +684,8 @@ mod tests {
         assert!(matches!(answers[1], Err(Refusal::Invalid(_))), "{:?}", answers[1]);
         assert!(matches!(answers[4], Err(Refusal::NoValue)), "{:?}", answers[4]);
         // The refusal undid its increment: two incs for a, one for b.
-        assert_eq!(task.state(0, "a"), Some(&2));
-        assert_eq!(task.state(0, "b"), Some(&1));
+        assert_eq!(task.state(0, "a"), Some(2));
+        assert_eq!(task.state(0, "b"), Some(1));
         // Each key's changelog record once, with the key's last answer that was not refused.
         assert_eq!(changelog(&answers[0]), []);
         assert_eq!(changelog(&answers[2]), [("b".to_string(), Some("1".to_string()))]);
@@ -570,18 +695,19 @@ mod tests {
         let mut restored = Task::new(Counter::healing_at(0));
         for answer in &answers {
             for (key, value) in changelog(answer) {
-                restored.restore_one(0, &key, value.as_deref().map(str::as_bytes));
+                restored.restore_one(0, &key, value.as_deref().map(str::as_bytes))?;
             }
         }
-        assert_eq!((restored.state(0, "a"), restored.state(0, "b")), (Some(&2), Some(&1)));
+        assert_eq!((restored.state(0, "a"), restored.state(0, "b")), (Some(2), Some(1)));
 
         // A tick: the due key (a, at 2) is forgotten and tombstoned; b is not due.
-        let out = task.tick(SystemTime::now()).await;
+        task.committed(&HashMap::new())?;
+        let out = task.tick(SystemTime::now()).await?;
         let tombstoned: Vec<_> =
             out.iter().filter(|o| o.topic == "counts" && o.payload.is_none()).collect();
         assert_eq!(tombstoned.len(), 1);
         assert_eq!(tombstoned[0].key, b"a");
-        assert_eq!((task.state(0, "a"), task.state(0, "b")), (None, Some(&1)));
+        assert_eq!((task.state(0, "a"), task.state(0, "b")), (None, Some(1)));
         Ok(())
     }
 
@@ -593,7 +719,7 @@ mod tests {
         let answers = task.process(&[record(0, "a", "flaky"), record(1, "a", "inc")]).await?;
         assert!(answers.iter().all(|a| a.is_ok()), "{answers:?}");
         assert_eq!(task.processor().tried.load(Ordering::Relaxed), 3);
-        assert_eq!(task.state(0, "a"), Some(&2));
+        assert_eq!(task.state(0, "a"), Some(2));
 
         // Never heals within the attempts: the batch fails, nothing of it is kept for the
         // key, and no dead letter is answered for it.

@@ -331,8 +331,9 @@ impl<C: Channel> Processor for Notifier<C> {
         self.concurrency
     }
 
-    fn due(&self, state: &SubscriberDeliveries, now: SystemTime) -> bool {
-        state.pending.iter().any(|p| is_due(p, now))
+    fn due_at(&self, state: &SubscriberDeliveries, now: SystemTime) -> Option<SystemTime> {
+        // A delivery without a due time is due at once.
+        state.pending.iter().map(|p| p.due.as_ref().map_or(now, system_time)).min()
     }
 
     /// Delivers what was held over quiet hours or waits for a retry, once it is due.

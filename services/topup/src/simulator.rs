@@ -110,12 +110,12 @@ pub fn rule_for(index: usize, subscriber_id: &str) -> Option<AutoTopUpRule> {
             TopUp::Amount(Money { currency: CURRENCY.into(), amount_minor: 5000 }),
         ),
     };
-    let locale = if index % 2 == 0 { "zh-CN" } else { "en" };
+    let locale = if index.is_multiple_of(2) { "zh-CN" } else { "en" };
     let mut channels = vec![NotificationChannel {
         kind: ChannelKind::Sms as i32,
         address: format!("+86 138{:08}", index),
     }];
-    if index % 3 == 0 {
+    if index.is_multiple_of(3) {
         channels.push(NotificationChannel {
             kind: ChannelKind::Email as i32,
             address: format!("user{index}@example.com"),

@@ -17,11 +17,16 @@
 //!    after it is visible to a read_committed reader.
 //! 5. **Commit interval** (`--commit-intervals`, Apache Kafka only): the evaluator's
 //!    throughput and the latency phase again for each interval.
-//! 6. **Memory per subscriber**: the evaluator's state for growing numbers of subscribers.
+//! 6. **State at scale** (`memory`): the evaluator's task with its on-disk store fed
+//!    realistic subscribers (`--state-sizes`, 1 and 10 million): resident memory, changelog
+//!    bytes per balance event, the tick's cost; and (`restore`, Apache Kafka only) restoring
+//!    a changelog of `--restore-subscribers`: cold, and checkpointed after a tail.
 //!
 //! Prints the figures, writes them as JSON and the latency distribution as an SVG chart.
 //!
 //! `cargo run --release --bin topup-bench -- --events 200000 --subscribers 10000`
+mod state;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,7 +41,6 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use topup::brokers::{BrokerKind, Brokers};
 use topup::simulator::rule_for;
-use topup_evaluator::decide::{decide, Event, Settings, SubscriberState};
 use topup_kafka::{
     run_pipeline, Answer, Input, KafkaArgs, Output, PipelineSpec, Processor, Refusal,
 };
@@ -86,9 +90,19 @@ struct Cli {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,latency,recovery,commit-interval,memory"
+        default_value = "throughput,latency,recovery,commit-interval,restore,memory"
     )]
     phases: Vec<Phase>,
+    /// Subscriber counts at which the state phase reads resident memory.
+    #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
+    state_sizes: Vec<u64>,
+    /// Subscribers in the changelog the restore phase restores.
+    #[arg(long, default_value_t = 1_000_000)]
+    restore_subscribers: u64,
+    /// Subscribers with a balance event written after the checkpoint, for the checkpointed
+    /// restore.
+    #[arg(long, default_value_t = 10_000)]
+    restore_tail: u64,
     /// Every how many of a subscriber's balance events in the latency phase drops below
     /// its threshold (2: every other one).
     #[arg(long, default_value_t = 2)]
@@ -110,6 +124,7 @@ enum Phase {
     Latency,
     Recovery,
     CommitInterval,
+    Restore,
     Memory,
 }
 
@@ -519,53 +534,6 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kb| kb / 1024.0)
 }
 
-#[derive(Debug, Serialize)]
-struct MemoryPoint {
-    subscribers: usize,
-    resident_mib: f64,
-    bytes_per_added_subscriber: f64,
-}
-
-/// Phase 4: the evaluator's in-memory state (rule + last balance) as the processor builds
-/// it with `decide`, for growing numbers of subscribers in one map; resident memory is read
-/// at each size, and the growth between sizes gives the cost of one more subscriber.
-fn memory_per_subscriber() -> anyhow::Result<Vec<MemoryPoint>> {
-    let settings = Settings::default();
-    let now = topup_kafka::now_timestamp();
-    let mut points = Vec::new();
-    let mut states = std::collections::HashMap::new();
-    let (mut last_size, mut last_rss) = (0usize, current_rss_bytes());
-    for size in [250_000usize, 500_000, 1_000_000] {
-        for n in last_size..size {
-            let id = subscriber(n as u64);
-            let subscriber_id = topup_domain::SubscriberId::parse(&id)?;
-            let mut state = SubscriberState::new(subscriber_id);
-            if let Some(raw) = rule_for(n, &id) {
-                let rule = topup_domain::Rule::try_from(&raw)?;
-                state = decide(state, Event::Rule(Box::new(rule)), "bench", now, &settings)
-                    .map_err(anyhow::Error::msg)?
-                    .0;
-            }
-            let observation = topup_domain::BalanceObservation::try_from(&BalanceUpdated::decode(
-                balance(&id, 1500, 1).as_slice(),
-            )?)?;
-            state = decide(state, Event::Balance(observation), "bench", now, &settings)
-                .map_err(anyhow::Error::msg)?
-                .0;
-            states.insert(id, state);
-        }
-        let rss = current_rss_bytes();
-        points.push(MemoryPoint {
-            subscribers: size,
-            resident_mib: rss as f64 / f64::from(1 << 20),
-            bytes_per_added_subscriber: rss.saturating_sub(last_rss) as f64
-                / (size - last_size) as f64,
-        });
-        (last_size, last_rss) = (size, rss);
-    }
-    Ok(points)
-}
-
 fn chart(
     path: &std::path::Path,
     to_command: &[f64],
@@ -609,8 +577,7 @@ struct Figures {
     subscribers: u64,
     max_batch: usize,
     brokers: Vec<BrokerFigures>,
-    memory: Vec<MemoryPoint>,
-    evaluator_state_mib_per_million_subscribers: f64,
+    memory: Option<state::StateFigures>,
     peak_rss_mib: f64,
 }
 
@@ -627,6 +594,7 @@ struct BrokerFigures {
     latency: Latency,
     recovery: Vec<Recovery>,
     commit_intervals: Vec<CommitInterval>,
+    restore: Option<state::StateFigures>,
 }
 
 /// Seconds from a SIGKILL of the evaluator to the first command for a later balance event.
@@ -657,7 +625,10 @@ async fn throughput_round(
     let kafka = KafkaArgs { commit_interval_ms, ..brokers.kafka_args() };
     preload(&kafka, cli)?;
     let stop = CancellationToken::new();
+    // The evaluator as deployed: its state in an on-disk store.
+    let state_dir = tempfile::tempdir()?;
     let seconds = if evaluator {
+        let kafka = KafkaArgs { state_dir: Some(state_dir.path().to_path_buf()), ..kafka.clone() };
         let mut config = topup_evaluator::Config::new(kafka.clone());
         config.group_id = "bench-evaluator".into();
         config.max_batch = cli.max_batch;
@@ -728,6 +699,11 @@ async fn on_brokers(
             let median_s = median(&mut rounds_s.clone());
             figures.recovery.push(Recovery { successor: successor.name(), rounds_s, median_s });
         }
+    }
+    if kind != BrokerKind::Mock && cli.phases.contains(&Phase::Restore) {
+        let mut restore = state::StateFigures::default();
+        state::restores(kind, cli.restore_subscribers, cli.restore_tail, &mut restore).await?;
+        figures.restore = Some(restore);
     }
     if kind != BrokerKind::Mock && cli.phases.contains(&Phase::CommitInterval) {
         for &interval_ms in &cli.commit_intervals {
@@ -907,10 +883,11 @@ async fn main() -> anyhow::Result<()> {
     let peak = peak_rss_mib();
 
     // The memory phase last: it makes the process large.
-    let memory =
-        if cli.phases.contains(&Phase::Memory) { memory_per_subscriber()? } else { Vec::new() };
-    let per_million =
-        memory.last().map_or(0.0, |m| m.bytes_per_added_subscriber * 1e6 / f64::from(1 << 20));
+    let memory = if cli.phases.contains(&Phase::Memory) {
+        Some(state::at_scale(&cli.state_sizes).await?)
+    } else {
+        None
+    };
 
     let figures = Figures {
         events: cli.events,
@@ -918,7 +895,6 @@ async fn main() -> anyhow::Result<()> {
         max_batch: cli.max_batch,
         brokers: by_broker,
         memory,
-        evaluator_state_mib_per_million_subscribers: per_million,
         peak_rss_mib: peak,
     };
     std::fs::create_dir_all(&cli.out)?;
@@ -1003,19 +979,52 @@ async fn main() -> anyhow::Result<()> {
             );
         }
     }
-    println!("\nevaluator state in memory (one map, growing):\n");
-    println!("| subscribers | process resident MiB | bytes per added subscriber |");
-    println!("|---:|---:|---:|");
-    for m in &f.memory {
+    for b in &f.brokers {
+        let Some(r) = &b.restore else { continue };
         println!(
-            "| {} | {:.0} | {:.0} |",
-            m.subscribers, m.resident_mib, m.bytes_per_added_subscriber
+            "\nrestore on {} of a changelog of {} subscribers (s):\n",
+            b.broker, r.restore_subscribers
+        );
+        println!("| restore | seconds | seconds per million subscribers |");
+        println!("|---|---:|---:|");
+        let per_million = |s: f64| s * 1e6 / r.restore_subscribers.max(1) as f64;
+        println!(
+            "| cold (no local store) | {:.1} | {:.1} |",
+            r.cold_restore_s,
+            per_million(r.cold_restore_s)
+        );
+        println!(
+            "| checkpointed, {} records written since | **{:.2}** | {:.2} |",
+            r.checkpointed_tail_records,
+            r.checkpointed_restore_s,
+            per_million(r.checkpointed_restore_s)
+        );
+    }
+    if let Some(m) = &f.memory {
+        println!(
+            "\nevaluator state, on-disk store with {} parsed states cached per partition ({} partitions):\n",
+            m.cache_entries_per_partition, PARTITIONS
+        );
+        println!("| subscribers | process resident MiB | bytes per subscriber | bytes per added subscriber | tick, nothing due (ms) |");
+        println!("|---:|---:|---:|---:|---:|");
+        for p in &m.points {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                p.subscribers,
+                p.resident_mib,
+                p.bytes_per_subscriber,
+                p.bytes_per_added_subscriber,
+                p.tick_ms
+            );
+        }
+        println!(
+            "\nchangelog bytes per balance event (keys and values): {:.0}",
+            m.changelog_bytes_per_balance_event
         );
     }
     println!(
-        "\n≈ {:.0} MiB of evaluator state per million subscribers; peak resident memory of the \
-         throughput and latency phases (mock brokers included) {:.0} MiB",
-        f.evaluator_state_mib_per_million_subscribers, f.peak_rss_mib
+        "peak resident memory of the throughput and latency phases (mock brokers included): {:.0} MiB",
+        f.peak_rss_mib
     );
     println!("figures: {}  chart: {}", json.display(), svg.display());
     Ok(())
