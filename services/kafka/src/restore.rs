@@ -131,49 +131,60 @@ pub(crate) fn restore_store(
             + Duration::from_secs(30);
         let mut batch = StoreBatch::default();
         let (mut moved, mut reported, mut last_position) = (Instant::now(), Instant::now(), from);
+        // The consumer's position is asked for only when no record came or every
+        // `RESTORE_BATCH` records (asking at every record halves the rate).
+        let mut check = true;
         loop {
-            let position = position_of(&consumer, topic, partition)?.max(from);
-            if position != last_position {
-                (last_position, moved) = (position, Instant::now());
+            if check {
+                check = false;
+                let position = position_of(&consumer, topic, partition)?.max(last_position);
+                if position != last_position {
+                    (last_position, moved) = (position, Instant::now());
+                }
+                if position >= high {
+                    batch.checkpoint = Some(position);
+                    store.apply(&batch)?;
+                    break;
+                }
+                if moved.elapsed() > stall {
+                    return Err(Error::Timeout(format!(
+                        "restoring {topic}/{partition}: no progress at offset {position} of {high} for {stall:?}"
+                    )));
+                }
+                if reported.elapsed() >= PROGRESS_EVERY {
+                    reported = Instant::now();
+                    tracing::info!(
+                        topic,
+                        partition,
+                        records,
+                        offset = position,
+                        end = high,
+                        seconds = started.elapsed().as_secs(),
+                        "restoring state"
+                    );
+                }
+                remaining.restore_remaining.set(&labels, high.saturating_sub(position));
             }
-            if position >= high {
-                batch.checkpoint = Some(position);
-                store.apply(&batch)?;
-                break;
-            }
-            if moved.elapsed() > stall {
-                return Err(Error::Timeout(format!(
-                    "restoring {topic}/{partition}: no progress at offset {position} of {high} for {stall:?}"
-                )));
-            }
-            if reported.elapsed() >= PROGRESS_EVERY {
-                reported = Instant::now();
-                tracing::info!(
-                    topic,
-                    partition,
-                    records,
-                    offset = position,
-                    end = high,
-                    seconds = started.elapsed().as_secs(),
-                    "restoring state"
-                );
-            }
-            remaining.restore_remaining.set(&labels, high.saturating_sub(position));
             match consumer.poll(Duration::from_millis(100)) {
                 Some(Ok(message)) => {
-                    let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) else {
-                        continue;
-                    };
-                    touched.insert(owner(key).to_string());
-                    batch.records.push((key.to_string(), message.payload().map(<[u8]>::to_vec)));
-                    records += 1;
-                    if batch.records.len() >= RESTORE_BATCH {
-                        batch.checkpoint = Some(message.offset() + 1);
-                        store.apply(&std::mem::take(&mut batch))?;
+                    (last_position, moved) = (message.offset() + 1, Instant::now());
+                    if let Some(key) = message.key().and_then(|k| std::str::from_utf8(k).ok()) {
+                        touched.insert(owner(key).to_string());
+                        let value = message.payload().map(<[u8]>::to_vec);
+                        batch.records.push((key.to_string(), value));
+                        records += 1;
                     }
+                    if batch.records.len() >= RESTORE_BATCH {
+                        batch.checkpoint = Some(last_position);
+                        store.apply(&std::mem::take(&mut batch))?;
+                        check = true;
+                    }
+                    // Control records (transaction markers) carry no message: only the
+                    // position tells that the end is reached past the last one.
+                    check |= last_position >= high;
                 }
                 Some(Err(e)) => return Err(e.into()),
-                None => {}
+                None => check = true,
             }
         }
     }

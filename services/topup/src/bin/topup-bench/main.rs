@@ -870,6 +870,13 @@ async fn main() -> anyhow::Result<()> {
     if std::env::var_os("TOPUP_KAFKA_JVM_OPTS").is_none() {
         std::env::set_var("TOPUP_KAFKA_JVM_OPTS", "");
     }
+    // The state phase first, in a process that has done nothing else yet: its resident
+    // memory is the evaluator's task and what any process has.
+    let memory = if cli.phases.contains(&Phase::Memory) {
+        Some(state::at_scale(&cli.state_sizes).await?)
+    } else {
+        None
+    };
     // Phases 1–3 on each broker kind, side by side.
     let mut by_broker = Vec::new();
     let mut charted = None;
@@ -881,13 +888,6 @@ async fn main() -> anyhow::Result<()> {
         by_broker.push(figures);
     }
     let peak = peak_rss_mib();
-
-    // The memory phase last: it makes the process large.
-    let memory = if cli.phases.contains(&Phase::Memory) {
-        Some(state::at_scale(&cli.state_sizes).await?)
-    } else {
-        None
-    };
 
     let figures = Figures {
         events: cli.events,
