@@ -905,41 +905,45 @@ async fn main() -> anyhow::Result<()> {
     chart(&svg, &to_command, &to_result, cli.rate)?;
 
     let f = &figures;
-    println!(
-        "\n{} balance events, {} subscribers, batches of {}:\n",
-        f.events, f.subscribers, f.max_batch
-    );
     let header: Vec<String> = f.brokers.iter().map(|b| b.broker.clone()).collect();
-    println!("| balance events/s | {} |", header.join(" | "));
-    println!("|---|{}", "---:|".repeat(header.len()));
     let row = |name: &str, value: &dyn Fn(&BrokerFigures) -> String| {
         let cells: Vec<String> = f.brokers.iter().map(value).collect();
         println!("| {name} | {} |", cells.join(" | "));
     };
-    row("raw baseline (consume → transactional produce), median", &|b| {
-        format!("{:.0}", b.baseline_events_per_s)
-    });
-    row("evaluator alone, median", &|b| format!("{:.0}", b.evaluator_events_per_s));
-    row("**evaluator / baseline**", &|b| format!("**{:.2}**", b.evaluator_over_baseline));
-    row("whole pipeline (evaluator + payment worker + notifier)", &|b| {
-        format!("{:.0}", b.pipeline_events_per_s)
-    });
-    row("rounds (baseline / evaluator)", &|b| {
-        let r = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
-        format!("{} / {}", r(&b.baseline_rounds), r(&b.evaluator_rounds))
-    });
-    println!(
-        "\nlatency at a steady {} events/s for {} s, from observed_at (ms, p50 / p95 / p99 / max):\n",
-        cli.rate, cli.latency_secs
-    );
-    println!("| to | {} |", header.join(" | "));
-    println!("|---|{}", "---:|".repeat(header.len()));
-    let p = |p: &Percentiles| {
-        format!("{:.1} / {:.1} / **{:.1}** / {:.1}", p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms)
-    };
-    row("TopUpCommand", &|b| p(&b.latency.to_command));
-    row("TopUpResult", &|b| p(&b.latency.to_result));
-    row("achieved rate /s", &|b| format!("{:.0}", b.latency.achieved_rate_per_s));
+    if cli.phases.contains(&Phase::Throughput) {
+        println!(
+            "\n{} balance events, {} subscribers, batches of {}:\n",
+            f.events, f.subscribers, f.max_batch
+        );
+        println!("| balance events/s | {} |", header.join(" | "));
+        println!("|---|{}", "---:|".repeat(header.len()));
+        row("raw baseline (consume → transactional produce), median", &|b| {
+            format!("{:.0}", b.baseline_events_per_s)
+        });
+        row("evaluator alone, median", &|b| format!("{:.0}", b.evaluator_events_per_s));
+        row("**evaluator / baseline**", &|b| format!("**{:.2}**", b.evaluator_over_baseline));
+        row("whole pipeline (evaluator + payment worker + notifier)", &|b| {
+            format!("{:.0}", b.pipeline_events_per_s)
+        });
+        row("rounds (baseline / evaluator)", &|b| {
+            let r = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
+            format!("{} / {}", r(&b.baseline_rounds), r(&b.evaluator_rounds))
+        });
+    }
+    if cli.phases.contains(&Phase::Latency) {
+        println!(
+            "\nlatency at a steady {} events/s for {} s, from observed_at (ms, p50 / p95 / p99 / max):\n",
+            cli.rate, cli.latency_secs
+        );
+        println!("| to | {} |", header.join(" | "));
+        println!("|---|{}", "---:|".repeat(header.len()));
+        let p = |p: &Percentiles| {
+            format!("{:.1} / {:.1} / **{:.1}** / {:.1}", p.p50_ms, p.p95_ms, p.p99_ms, p.max_ms)
+        };
+        row("TopUpCommand", &|b| p(&b.latency.to_command));
+        row("TopUpResult", &|b| p(&b.latency.to_result));
+        row("achieved rate /s", &|b| format!("{:.0}", b.latency.achieved_rate_per_s));
+    }
     let apache: Vec<&BrokerFigures> = f.brokers.iter().filter(|b| !b.recovery.is_empty()).collect();
     if !apache.is_empty() {
         println!(
