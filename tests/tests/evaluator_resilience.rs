@@ -191,6 +191,18 @@ async fn reordered_and_duplicated_balances_give_exactly_the_commands_the_rules_c
     platform.stop().await
 }
 
+/// An evaluator in this process as instance `instance` (its store in the platform's state
+/// directory), and what stops it.
+fn start_instance(
+    platform: &Platform,
+    instance: &str,
+) -> (tokio_util::sync::CancellationToken, tokio::task::JoinHandle<topup_kafka::Result<()>>) {
+    let mut config = topup_evaluator::Config::new(platform.kafka.clone());
+    config.transactional_id = Some(instance.into());
+    let stop = platform.shutdown.child_token();
+    (stop.clone(), tokio::spawn(topup_evaluator::run(config, stop)))
+}
+
 /// Records the evaluator's changelog holds now (committed ones).
 async fn changelog_records(platform: &Platform) -> anyhow::Result<u64> {
     let mut records = 0;
@@ -219,12 +231,7 @@ async fn a_restarted_evaluator_reads_only_the_changelog_written_since_its_checkp
     }
     let restored =
         |instance: &str| topup_kafka::pipeline_metrics().restored.sum(&[("instance_id", instance)]);
-    let start = |instance: &str| {
-        let mut config = topup_evaluator::Config::new(platform.kafka.clone());
-        config.transactional_id = Some(instance.into());
-        let stop = platform.shutdown.child_token();
-        (stop.clone(), tokio::spawn(topup_evaluator::run(config, stop)))
-    };
+    let start = |instance: &str| start_instance(&platform, instance);
     let (early, late) = subs.split_at(subs.len() / 2);
 
     let (stop, running) = start("evaluator-kept");
@@ -291,12 +298,7 @@ async fn a_cold_restore_from_a_compacted_changelog_keeps_every_state() -> anyhow
     for s in &subs {
         platform.publish_rule(rule(s, "tok_approve_4242", RuleState::Active)).await?;
     }
-    let start = |instance: &str| {
-        let mut config = topup_evaluator::Config::new(platform.kafka.clone());
-        config.transactional_id = Some(instance.into());
-        let stop = platform.shutdown.child_token();
-        (stop.clone(), tokio::spawn(topup_evaluator::run(config, stop)))
-    };
+    let start = |instance: &str| start_instance(&platform, instance);
     let (stop, running) = start("evaluator-busy");
     // Balances above the threshold, round after round, until the broker has compacted some
     // of the state records away.
