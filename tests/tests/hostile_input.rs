@@ -199,6 +199,86 @@ async fn a_record_as_large_as_the_balance_topic_accepts_is_dead_lettered_cut_to_
     platform.stop().await
 }
 
+/// Sets the dead-letter topic's `max.message.bytes` and waits until the broker applies it.
+async fn limit_dead_letters_to(platform: &Platform, bytes: usize) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, AlterConfig, ResourceSpecifier};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        platform.kafka.producer().create()?;
+    let bytes = bytes.to_string();
+    let config =
+        AlterConfig::new(ResourceSpecifier::Topic(topics::DLQ)).set("max.message.bytes", &bytes);
+    for outcome in admin.alter_configs(&[config], &AdminOptions::new()).await? {
+        outcome.map_err(|(_, code)| anyhow::anyhow!("altering the dead-letter topic: {code:?}"))?;
+    }
+    let deadline = std::time::Instant::now() + topup_tests::WAIT;
+    loop {
+        let described =
+            admin.describe_configs(&[ResourceSpecifier::Topic(topics::DLQ)], &AdminOptions::new());
+        let applied = described.await?.into_iter().flatten().any(|resource| {
+            resource.get("max.message.bytes").and_then(|e| e.value.as_deref()) == Some(&bytes)
+        });
+        if applied {
+            return Ok(());
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "max.message.bytes not applied");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A dead-letter topic that refuses letters (its `max.message.bytes` too small for them)
+/// never stops a partition: a letter too large is written bare (where, why, size, SHA-256,
+/// none of the bytes); when not even that fits, the record is passed without one, logged
+/// and counted. Either way the same subscriber's next balance is processed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_letter_topic_that_refuses_letters_never_stops_the_partition() -> anyhow::Result<()>
+{
+    use sha2::Digest;
+    let platform = Platform::start()?;
+    if platform.kafka_cluster.is_mock() {
+        println!("librdkafka's mock cluster has no per-topic max.message.bytes: nothing to prove");
+        return platform.stop().await;
+    }
+    for subscriber in ["sub-bare", "sub-none"] {
+        let active = topup_proto::v1::RuleState::Active;
+        platform.publish_rule(rule(subscriber, "tok_ok", active)).await?;
+    }
+    let mut results = platform.reader::<TopUpResult>(topics::RESULTS)?;
+    let mut dead = platform.reader::<DeadLetter>(topics::DLQ)?;
+
+    // A letter copying 10,000 bytes does not fit in 2,000; a bare one does.
+    limit_dead_letters_to(&platform, 2_000).await?;
+    let garbage = vec![0xffu8; 10_000];
+    platform.publish_raw(topics::BALANCE, "sub-bare", &garbage).await?;
+    platform.publish_balance("sub-bare", 800, 1).await?;
+    results.wait_for("sub-bare's top-up", |r| r.subscriber_id == "sub-bare").await?;
+    let letter =
+        dead.wait_for("the bare letter", |d| d.source_topic == topics::BALANCE).await?.clone();
+    assert!(letter.original_value.is_empty() && letter.original_key.is_empty(), "{letter:?}");
+    assert!(letter.truncated);
+    assert_eq!(letter.original_value_size, garbage.len() as u64);
+    let digest: String =
+        sha2::Sha256::digest(&garbage).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(letter.original_value_sha256, digest);
+    assert!(!letter.reason.is_empty());
+
+    // Not even a bare letter fits in 150 bytes (a transaction's marker, about 80, still
+    // does: with less the broker could not end a transaction that touched the topic, and
+    // every producer writing to it would be stuck). The record is passed without a letter.
+    limit_dead_letters_to(&platform, 150).await?;
+    platform.publish_raw(topics::BALANCE, "sub-none", &garbage).await?;
+    platform.publish_balance("sub-none", 800, 1).await?;
+    results.wait_for("sub-none's top-up", |r| r.subscriber_id == "sub-none").await?;
+    let metrics = topup_kafka::ops::render_metrics();
+    let unwritten = [("service", "topup-evaluator"), ("topic", topics::BALANCE)];
+    assert_eq!(
+        topup_tests::metric(&metrics, "topup_dead_letters_unwritten_total", &unwritten),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(dead.seen.len(), 1, "only the bare letter was written: {:?}", dead.seen);
+    platform.stop().await
+}
+
 fn valid_values() -> Vec<(&'static str, Vec<u8>)> {
     let rule = rule("sub-f", "tok_ok", topup_proto::v1::RuleState::Active);
     vec![

@@ -215,12 +215,28 @@ fn state_of(raw: i32) -> Invalid<RuleState> {
     }
 }
 
-fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMethod> {
+/// Which checks a rule is read with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    /// Every check of today: a rule submitted now.
+    Today,
+    /// Only what the rule's parts need to exist (known kinds and states, currencies that
+    /// parse and agree, amounts within arithmetic's reach): a rule accepted when it was
+    /// stored stays in force when read back, whatever was tightened since.
+    Stored,
+}
+
+fn payment_method(
+    index: usize,
+    raw: &wire::PaymentMethod,
+    checks: Checks,
+) -> Invalid<PaymentMethod> {
     let field = format!("payment_methods[{index}]");
-    if raw.token.is_empty() || raw.token.len() > 256 {
+    let today = checks == Checks::Today;
+    if today && (raw.token.is_empty() || raw.token.len() > 256) {
         return Err(ValidationError::new(format!("{field}.token"), "must be 1 to 256 bytes"));
     }
-    if raw.token.chars().filter(|c| c.is_ascii_digit()).count() >= 13 {
+    if today && raw.token.chars().filter(|c| c.is_ascii_digit()).count() >= 13 {
         // Looks like a card number (PAN): refuse rather than let it travel the bus.
         return Err(ValidationError::new(
             format!("{field}.token"),
@@ -246,7 +262,7 @@ fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMet
     } else {
         Some(YearMonth::parse(&raw.expires).map_err(|e| e.within(&format!("{field}.expires")))?)
     };
-    if raw.label.len() > 64 {
+    if today && raw.label.len() > 64 {
         return Err(ValidationError::new(format!("{field}.label"), "is longer than 64 bytes"));
     }
     Ok(PaymentMethod {
@@ -258,7 +274,7 @@ fn payment_method(index: usize, raw: &wire::PaymentMethod) -> Invalid<PaymentMet
     })
 }
 
-fn channel(index: usize, raw: &wire::NotificationChannel) -> Invalid<Channel> {
+fn channel(index: usize, raw: &wire::NotificationChannel, checks: Checks) -> Invalid<Channel> {
     let field = format!("channels[{index}]");
     let kind = match wire::ChannelKind::try_from(raw.kind) {
         Ok(wire::ChannelKind::Unspecified) | Err(_) => {
@@ -269,6 +285,9 @@ fn channel(index: usize, raw: &wire::NotificationChannel) -> Invalid<Channel> {
         }
         Ok(kind) => kind,
     };
+    if checks == Checks::Stored {
+        return Ok(Channel { kind, address: raw.address.clone() });
+    }
     if raw.address.is_empty() && kind != wire::ChannelKind::Console {
         return Err(ValidationError::new(format!("{field}.address"), "is required"));
     }
@@ -281,7 +300,22 @@ fn channel(index: usize, raw: &wire::NotificationChannel) -> Invalid<Channel> {
 impl TryFrom<&wire::AutoTopUpRule> for Rule {
     type Error = ValidationError;
 
+    /// A rule submitted now: every check of today.
     fn try_from(raw: &wire::AutoTopUpRule) -> Invalid<Self> {
+        Rule::read(raw, Checks::Today)
+    }
+}
+
+impl Rule {
+    /// A rule read back from where it was stored after it was accepted (a changelog, a
+    /// database): only what its parts need to exist is checked, so a rule valid when stored
+    /// stays in force after a check was tightened.
+    pub fn from_stored(raw: &wire::AutoTopUpRule) -> Invalid<Self> {
+        Rule::read(raw, Checks::Stored)
+    }
+
+    fn read(raw: &wire::AutoTopUpRule, checks: Checks) -> Invalid<Self> {
+        let today = checks == Checks::Today;
         let subscriber = SubscriberId::parse(&raw.subscriber_id)?;
         let state = state_of(raw.state)?;
         let threshold = required_money(raw.threshold.as_ref(), "threshold")?;
@@ -300,7 +334,7 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
                     threshold,
                     "target_balance",
                 )?;
-                if target.minor <= threshold.minor {
+                if today && target.minor <= threshold.minor {
                     return Err(ValidationError::new(
                         "target_balance",
                         format!("{target} must be above the threshold {threshold}"),
@@ -315,14 +349,14 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
                 ))
             }
         };
-        if raw.payment_methods.is_empty() {
+        if today && raw.payment_methods.is_empty() {
             return Err(ValidationError::new("payment_methods", "at least one is required"));
         }
         let payment_methods = raw
             .payment_methods
             .iter()
             .enumerate()
-            .map(|(i, m)| payment_method(i, m))
+            .map(|(i, m)| payment_method(i, m, checks))
             .collect::<Invalid<Vec<_>>>()?;
         if let Some((i, method)) = payment_methods
             .iter()
@@ -342,7 +376,7 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
             .channels
             .iter()
             .enumerate()
-            .map(|(i, c)| channel(i, c))
+            .map(|(i, c)| channel(i, c, checks))
             .collect::<Invalid<Vec<_>>>()?;
         let max_amount_per_month = match raw.max_amount_per_month.as_ref() {
             None => None,
@@ -355,19 +389,19 @@ impl TryFrom<&wire::AutoTopUpRule> for Rule {
                 )?)
             }
         };
-        if raw.locale.len() > 35 {
+        if today && raw.locale.len() > 35 {
             return Err(ValidationError::new("locale", "is not a BCP 47 language tag"));
         }
-        if raw.payment_methods.len() > 5 {
+        if today && raw.payment_methods.len() > 5 {
             return Err(ValidationError::new("payment_methods", "at most 5 are accepted"));
         }
-        if raw.channels.len() > 5 {
+        if today && raw.channels.len() > 5 {
             return Err(ValidationError::new("channels", "at most 5 are accepted"));
         }
         let monthly = match raw.monthly.as_ref() {
             None => None,
             Some(m) => {
-                if !(1..=31).contains(&m.day_of_month) {
+                if today && !(1..=31).contains(&m.day_of_month) {
                     return Err(ValidationError::new(
                         "monthly.day_of_month",
                         format!("{} is not a day of the month (1 to 31)", m.day_of_month),
@@ -425,6 +459,33 @@ mod tests {
 
     fn refused(raw: wire::AutoTopUpRule) -> String {
         Rule::try_from(&raw).err().map(|e| e.to_string()).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_stored_rule_that_todays_checks_refuse_is_still_read_back() {
+        let mut stored = valid();
+        // Accepted by the checks of its day, refused by today's.
+        stored.payment_methods = (0..6)
+            .map(|i| wire::PaymentMethod {
+                token: format!("tok_{i}"),
+                kind: wire::PaymentMethodKind::Card as i32,
+                label: "x".repeat(80),
+                ..Default::default()
+            })
+            .collect();
+        stored.locale = "x".repeat(40);
+        stored.channels = vec![wire::NotificationChannel {
+            kind: wire::ChannelKind::Sms as i32,
+            address: String::new(),
+        }];
+        assert!(Rule::try_from(&stored).is_err(), "today's checks refuse it");
+        let rule = Rule::from_stored(&stored).unwrap();
+        assert_eq!(rule.payment_methods.len(), 6);
+        assert_eq!(rule.wire, stored);
+        // What the rule's parts need is still checked.
+        let mut broken = valid();
+        broken.threshold = Some(wire::Money { currency: "??".into(), amount_minor: 1 });
+        assert!(Rule::from_stored(&broken).is_err());
     }
 
     #[test]

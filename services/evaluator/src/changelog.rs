@@ -82,7 +82,7 @@ pub(crate) fn apply(
 ) -> Result<(), String> {
     if rule_key_subscriber(changelog_key).is_some() {
         let raw = wire::AutoTopUpRule::decode(value).map_err(|e| e.to_string())?;
-        let rule = Arc::new(Rule::try_from(&raw).map_err(|e| e.to_string())?);
+        let rule = Arc::new(Rule::from_stored(&raw).map_err(|e| e.to_string())?);
         match state {
             Some(state) => state.rule = Some(rule),
             None => {
@@ -101,4 +101,25 @@ pub(crate) fn apply(
     }
     *state = Some(SubscriberState::try_from(&record).map_err(|e| e.to_string())?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restored_rule_is_not_checked_again_by_todays_rules() {
+        // Six payment methods: refused today (at most five), accepted when it was stored.
+        let mut stored = crate::processor::tests::raw_rule("sub-1");
+        let method = stored.payment_methods[0].clone();
+        stored.payment_methods = (0..6)
+            .map(|i| wire::PaymentMethod { token: format!("tok_{i}"), ..method.clone() })
+            .collect();
+        assert!(Rule::try_from(&stored).is_err(), "today's checks refuse it");
+        let mut state = None;
+        apply(&mut state, "sub-1", &rule_key("sub-1"), &stored.encode_to_vec()).unwrap();
+        let rule = state.and_then(|s| s.rule).expect("the stored rule stays in force");
+        assert_eq!(rule.wire, stored);
+        assert!(rule.is_active());
+    }
 }

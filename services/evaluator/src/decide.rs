@@ -224,6 +224,24 @@ impl Default for Settings {
     }
 }
 
+/// How much later than the last balance one with a lower sequence must have been observed
+/// to be taken as the carrier's counter started again (a reset, or a jump far ahead before
+/// it), rather than as a stale record. Reordered and resent records arrive within minutes.
+pub const SEQUENCE_RESTART_SECS: i64 = 3_600;
+
+/// Whether `observation`, whose sequence is not above `last`'s, is nevertheless new: observed
+/// [`SEQUENCE_RESTART_SECS`] or more after it. Without this, one absurd sequence (a counter
+/// jumping to near `u64::MAX`) would make every later balance of the subscriber look stale,
+/// and silence its top-ups for ever.
+fn sequence_restarted(last: &LastBalance, observation: &BalanceObservation) -> bool {
+    match (&last.observed_at, &observation.observed_at) {
+        (Some(last), Some(now)) => {
+            now.seconds.saturating_sub(last.seconds) >= SEQUENCE_RESTART_SECS
+        }
+        _ => false,
+    }
+}
+
 /// The UTC day and month index of `now`.
 fn windows(now: &Timestamp) -> (i64, i64) {
     let day = now.seconds.div_euclid(86_400);
@@ -244,7 +262,8 @@ pub fn decide(
     match event {
         Event::Balance(observation) => {
             if let Some(last) = &state.balance {
-                if observation.sequence <= last.sequence {
+                if observation.sequence <= last.sequence && !sequence_restarted(last, &observation)
+                {
                     // Stale or duplicate: carriers resend and reorder; nothing changes.
                     return Ok((state, effects));
                 }
@@ -404,7 +423,11 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
         return;
     }
     let Some(amount) = rule.charge_for(balance.money) else { return };
+    // Windows only move forward: a record stamped earlier than the last one counted (a
+    // producer's clock behind another's around midnight) counts in the window already open
+    // and never opens the one before again.
     let (day, month) = windows(&now);
+    let (day, month) = (day.max(state.caps.day), month.max(state.caps.month));
     if state.caps.day != day {
         state.caps.day = day;
         state.caps.topups_today = 0;

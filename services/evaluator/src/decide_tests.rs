@@ -712,3 +712,80 @@ fn a_top_up_in_flight_and_a_watched_credit_come_due_when_they_are_overdue() {
     }
     assert_eq!(next_due(&state, NOW, &settings), None);
 }
+
+/// Applies `events` at the given times (seconds after `NOW`) to `state`.
+fn run_at(mut state: SubscriberState, events: Vec<(i64, Event)>) -> (SubscriberState, Vec<Effect>) {
+    let mut all = Vec::new();
+    for (i, (at, event)) in events.into_iter().enumerate() {
+        let now = Timestamp { seconds: NOW.seconds + at, nanos: 0 };
+        let (next, effects) =
+            decide(state, event, &format!("t/0/{i}"), now, &Settings::default()).unwrap();
+        state = next;
+        all.extend(effects);
+    }
+    (state, all)
+}
+
+fn balance_observed(minor: i64, sequence: u64, observed_secs: i64) -> Event {
+    let Event::Balance(mut observation) = balance(minor, sequence) else { unreachable!() };
+    observation.observed_at = Some(Timestamp { seconds: NOW.seconds + observed_secs, nanos: 0 });
+    Event::Balance(observation)
+}
+
+#[test]
+fn a_record_stamped_before_midnight_after_one_stamped_after_it_does_not_reopen_the_day() {
+    let mut raw = wire_rule(wire::RuleState::Active);
+    raw.max_topups_per_day = 1;
+    // NOW's day starts at `midnight` (seconds after NOW, negative or zero).
+    let midnight = -NOW.seconds.rem_euclid(86_400);
+    let (state, effects) = run_at(
+        SubscriberState::new(sub()),
+        vec![(midnight + 60, rule_event(&raw)), (midnight + 60, balance(900, 1))],
+    );
+    let id = commands(&effects)[0].command_id.clone();
+    // The top-up succeeds; then a producer whose clock is two minutes behind stamps its
+    // records in the day before.
+    let (state, effects) = run_at(
+        state,
+        vec![
+            (midnight + 70, outcome(&id, true)),
+            (midnight - 60, balance(5900, 2)),
+            (midnight - 50, balance(900, 3)),
+        ],
+    );
+    assert!(commands(&effects).is_empty(), "the day's cap holds: {effects:?}");
+    assert_eq!(state.caps.topups_today, 1);
+    assert_eq!(state.caps.day, (NOW.seconds + midnight).div_euclid(86_400));
+    // The next real day opens the next window.
+    let (_, effects) = run_at(
+        state,
+        vec![(midnight + 86_400, balance(5900, 4)), (midnight + 86_400, balance(900, 5))],
+    );
+    assert_eq!(commands(&effects).len(), 1, "a new day, a new top-up");
+}
+
+#[test]
+fn an_absurd_sequence_does_not_silence_the_subscriber_for_ever() {
+    let rule = rule_event(&wire_rule(wire::RuleState::Active));
+    let (state, _) = run_at(
+        SubscriberState::new(sub()),
+        vec![
+            (0, rule),
+            (0, balance_observed(5000, 1, 0)),
+            (0, balance_observed(5000, u64::MAX, 10)),
+        ],
+    );
+    // Minutes later a lower sequence is still taken as stale (carriers resend and reorder)...
+    let (state, effects) = run_at(state, vec![(600, balance_observed(900, 2, 600))]);
+    assert!(commands(&effects).is_empty(), "a reordered record within minutes is stale");
+    assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(u64::MAX));
+    // ...but a balance observed an hour after the last one is new: the counter started again.
+    let later = SEQUENCE_RESTART_SECS + 10;
+    let (state, effects) = run_at(state, vec![(later, balance_observed(900, 3, later))]);
+    assert_eq!(commands(&effects).len(), 1, "the low balance is topped up");
+    assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(3));
+    // And from there on, its own order holds again.
+    let (state, effects) = run_at(state, vec![(later + 5, balance_observed(400, 2, later - 20))]);
+    assert!(effects.is_empty());
+    assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(3));
+}

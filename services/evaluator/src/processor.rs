@@ -33,6 +33,20 @@ impl Evaluator {
     }
 }
 
+/// The time `input` is decided at: the record's own time (deterministic on replay), but
+/// never more than [`MAX_CLOCK_SKEW_SECS`] ahead of this process's clock. A producer's clock
+/// far ahead would otherwise open windows no real time reaches for years (a cap's day, a
+/// month), and every later record would count in them.
+fn decision_time(input: &Input) -> topup_proto::Timestamp {
+    let record = input.time();
+    let limit = topup_kafka::now_timestamp().seconds.saturating_add(MAX_CLOCK_SKEW_SECS);
+    if record.seconds > limit {
+        topup_proto::Timestamp { seconds: limit, nanos: 0 }
+    } else {
+        record
+    }
+}
+
 fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
     match input.topic.as_str() {
         topics::BALANCE => {
@@ -41,14 +55,14 @@ fn event_of(input: &Input) -> Result<(SubscriberId, Event), Refusal> {
             // A balance from the future would win over every real one that follows (and its
             // day would count caps wrongly): refuse it, allowing for clock skew.
             if let Some(observed) = &observation.observed_at {
-                let limit = input.time().seconds.saturating_add(MAX_CLOCK_SKEW_SECS);
+                let limit = decision_time(input).seconds.saturating_add(MAX_CLOCK_SKEW_SECS);
                 if observed.seconds > limit {
                     return Err(Refusal::invalid(
                         "observed_at",
                         format!(
                             "{}s is more than {MAX_CLOCK_SKEW_SECS}s ahead of the record's time {}s",
                             observed.seconds,
-                            input.time().seconds
+                            decision_time(input).seconds
                         ),
                     ));
                 }
@@ -124,7 +138,8 @@ impl Processor for Evaluator {
         let origin = format!("{}/{}/{}", input.topic, input.partition, input.offset);
         let record = input_record(input);
         let reread = record.filter(|_| self.reissue_on_reread);
-        if let Some(effects) = reread.and_then(|r| reissue(&before, r, &event, input.time())) {
+        let now = decision_time(input);
+        if let Some(effects) = reread.and_then(|r| reissue(&before, r, &event, now)) {
             tracing::warn!(
                 subscriber = %subscriber,
                 offset = input.offset,
@@ -135,7 +150,7 @@ impl Processor for Evaluator {
             return Ok(out);
         }
         let rule_event = matches!(event, Event::Rule(_));
-        let (mut after, effects) = decide(before, event, &origin, input.time(), &self.settings)?;
+        let (mut after, effects) = decide(before, event, &origin, now, &self.settings)?;
         if rule_event {
             // The version commands carry: the payment worker compares it with the rules it
             // reads itself.
@@ -150,7 +165,7 @@ impl Processor for Evaluator {
         if rule_event {
             // A new rule is looked at for the day at once (a monthly top-up due, a method
             // about to expire), not only at the next day's scan.
-            let (today, effects) = on_day(after, input.time());
+            let (today, effects) = on_day(after, now);
             after = today;
             emit(effects, &subscriber, &mut out);
         }
@@ -316,6 +331,18 @@ pub(crate) mod tests {
             timestamp_ms: Some(1_764_000_000_000),
             headers: Vec::new(),
         }
+    }
+
+    #[test]
+    fn a_record_stamped_far_ahead_is_decided_at_this_process_s_clock() {
+        let now = topup_kafka::now_timestamp().seconds;
+        let mut ahead = input(topics::BALANCE, 0, "sub-1", Vec::new());
+        ahead.timestamp_ms = Some((now + 10 * 365 * 86_400) * 1000);
+        let at = decision_time(&ahead).seconds;
+        assert!((now..=now + MAX_CLOCK_SKEW_SECS + 5).contains(&at), "{at} vs {now}");
+        // A record in the past is decided at its own time, as on every replay.
+        let past = input(topics::BALANCE, 0, "sub-1", Vec::new());
+        assert_eq!(decision_time(&past).seconds, 1_764_000_000);
     }
 
     /// A crash after the state was written but before the command was (on a broker that shows

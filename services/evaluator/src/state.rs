@@ -39,15 +39,20 @@ impl SubscriberState {
     /// which has a key of its own (see `changelog::rule_key`) and is written only when it
     /// changes — a balance event writes a small record.
     ///
-    /// Two more fields are left out because they can be derived, making the record about
-    /// half the size: the subscriber id (it is the record's key) and the in-flight command
-    /// id (always the last one issued: `command_id(subscriber, cause_sequence,
-    /// commands_issued - 1)`). Reading fills them back in.
+    /// Three more fields are left out because they can be derived, making the record about
+    /// half the size: the subscriber id (it is the record's key), the in-flight command id
+    /// (always the last one issued: `command_id(subscriber, cause_sequence,
+    /// commands_issued - 1)`; reading fills both back in) and the reporting carrier when it
+    /// is the rule's (an empty one stands for the rule's wherever it is read:
+    /// `decide::command_effects`).
     pub fn encode_record(&self) -> Vec<u8> {
         let mut record = self.record_without_rule();
         record.subscriber_id.clear();
         if let Some(in_flight) = record.in_flight.as_mut() {
             in_flight.command_id.clear();
+        }
+        if self.rule.as_ref().is_some_and(|rule| rule.carrier_id == record.carrier_id) {
+            record.carrier_id.clear();
         }
         record.encode_to_vec()
     }
@@ -188,7 +193,7 @@ impl TryFrom<&changelog::SubscriberState> for SubscriberState {
             rule: record
                 .rule
                 .as_ref()
-                .map(|wire| Rule::try_from(wire).map(std::sync::Arc::new))
+                .map(|wire| Rule::from_stored(wire).map(std::sync::Arc::new))
                 .transpose()
                 .map_err(|e| e.within("rule"))?,
             balance,
@@ -236,5 +241,51 @@ mod tests {
         whole.rule = None;
         whole.subscriber_id.clear();
         assert_eq!(decoded, whole);
+    }
+
+    #[test]
+    fn a_carrier_left_out_as_the_rules_issues_the_same_command_again() {
+        let mut raw = crate::processor::tests::raw_rule("sub-1");
+        raw.carrier_id = "carrier-a".into();
+        let settings = Settings::default();
+        let at = |seconds| topup_proto::Timestamp { seconds, nanos: 0 };
+        let state = SubscriberState::new(SubscriberId::parse("sub-1").unwrap());
+        let rule = Event::Rule(Box::new(Rule::try_from(&raw).unwrap()));
+        let (state, _) = decide(state, rule, "t/0/0", at(1_000), &settings).unwrap();
+        let low = Event::Balance(topup_domain::BalanceObservation {
+            subscriber: state.subscriber.clone(),
+            carrier_id: "carrier-a".into(),
+            balance: Money::new(topup_domain::Currency::parse("CNY").unwrap(), 500),
+            sequence: 1,
+            observed_at: Some(at(1_000)),
+            event_id: String::new(),
+            credited_command_ids: Vec::new(),
+        });
+        let (state, _) = decide(state, low, "t/0/1", at(1_000), &settings).unwrap();
+        assert!(state.in_flight.is_some(), "the low balance issued a top-up");
+
+        let encoded = state.encode_record();
+        let record = changelog::SubscriberState::decode(encoded.as_slice()).unwrap();
+        assert_eq!(record.carrier_id, "", "the rule's carrier is not written again");
+        let mut restored = SubscriberState::try_from(&changelog::SubscriberState {
+            subscriber_id: "sub-1".into(),
+            ..record
+        })
+        .unwrap();
+        restored.rule = state.rule.clone();
+        // A balance from another carrier is written as it is.
+        let mut other = state.clone();
+        if let Some(balance) = other.balance.as_mut() {
+            balance.carrier_id = "carrier-b".into();
+        }
+        let other = changelog::SubscriberState::decode(other.encode_record().as_slice()).unwrap();
+        assert_eq!(other.carrier_id, "carrier-b");
+
+        let later = at(1_000 + settings.reissue_after_secs + 1);
+        let (_, before) = crate::decide::reissue_overdue(state, later, &settings);
+        let (_, after) = crate::decide::reissue_overdue(restored, later, &settings);
+        let before = before.expect("the stuck top-up is issued again");
+        assert_eq!(before.carrier_id, "carrier-a");
+        assert_eq!(Some(before), after, "the restored state issues the very same command");
     }
 }

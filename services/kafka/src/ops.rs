@@ -227,6 +227,10 @@ pub struct PipelineMetrics {
     /// `topup_dead_letters_total{service,topic,reason}` (topic = where the record came from,
     /// reason = [`crate::Refusal::class`]).
     pub dead_letters: LabeledCounter,
+    /// `topup_dead_letters_unwritten_total{service,topic}`: refused records committed past
+    /// without a dead letter, because the dead-letter topic refused even a bare one (each is
+    /// logged with where it is and its SHA-256; it stays on its topic until retention).
+    pub dead_letters_unwritten: LabeledCounter,
     /// `topup_consumer_lag_records{service,topic,partition}`.
     pub lag: LabeledGauge,
     /// `topup_state_restored_records_total{topic}`: changelog records read into local
@@ -252,6 +256,10 @@ pub fn pipeline_metrics() -> &'static PipelineMetrics {
         dead_letters: LabeledCounter::new(
             "dead_letters",
             "Records sent to the dead-letter topic, per source topic",
+        ),
+        dead_letters_unwritten: LabeledCounter::new(
+            "dead_letters_unwritten",
+            "Refused records passed without a dead letter: the dead-letter topic refused it",
         ),
         lag: LabeledGauge::new("consumer_lag_records", "Records not yet consumed, per partition"),
         restored: LabeledCounter::new(

@@ -20,7 +20,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::processor::{Processor, Task};
-use crate::record::{dead_letter, Input, Output};
+use crate::record::{bare, dead_letter, Input, Output};
 use crate::{Error, KafkaArgs, Result};
 
 /// How much longer than its own timeout a transactional call may take before this side
@@ -64,12 +64,150 @@ type BaseProducer = rdkafka::producer::BaseProducer<Deliveries>;
 struct Deliveries {
     changelog: Option<&'static str>,
     last: Mutex<HashMap<i32, i64>>,
+    /// Why the dead-letter topic refused a letter of this transaction, if it did.
+    letter_refused: Mutex<Option<String>>,
 }
 
 impl Deliveries {
     /// The last offset delivered per changelog partition since the last call.
     fn take(&self) -> HashMap<i32, i64> {
         std::mem::take(&mut *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+    }
+
+    fn refuse_letter(&self, why: String) {
+        *self.letter_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+    }
+
+    /// Why the dead-letter topic refused a letter since the last call, if it did.
+    fn take_letter_refusal(&self) -> Option<String> {
+        self.letter_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+}
+
+/// Whether `error`, for a record sent to the dead-letter topic, is about that record or that
+/// topic (it would be refused again however often it is sent), not about the cluster's
+/// health (timeouts, leaders moving: those pass, and the letter is sent again).
+fn refuses_letter(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as Code;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            Code::MessageSizeTooLarge
+                | Code::InvalidMessageSize
+                | Code::InvalidMessage
+                | Code::InvalidRecord
+                | Code::MessageBatchTooLarge
+                | Code::PolicyViolation
+                | Code::TopicAuthorizationFailed
+        )
+    )
+}
+
+/// How dead letters are written. A dead-letter topic that refuses a letter (larger than its
+/// `max.message.bytes`, not authorised, against a policy) aborts the transaction of the
+/// batch, and the batch would fail the same way for ever: the partition would be stuck. So
+/// each time a transaction with a refused letter fails, the letters of the records refused
+/// in that batch step down: whole (the record's bytes cut to fit), bare (where, why, sizes
+/// and SHA-256, none of its bytes), none (the record is passed without a letter: logged
+/// with where it is and its hash, counted in `topup_dead_letters_unwritten_total`; it stays
+/// on its topic until retention). Kept per record (topic, partition, offset) across
+/// incarnations, forgotten once the record's batch commits.
+#[derive(Debug, Default)]
+struct LetterForms(Mutex<HashMap<(String, i32, i64), Form>>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+enum Form {
+    #[default]
+    Whole,
+    Bare,
+    None,
+}
+
+type RecordAt = (String, i32, i64);
+
+fn record_at(input: &Input) -> RecordAt {
+    (input.topic.clone(), input.partition, input.offset)
+}
+
+impl LetterForms {
+    fn forms(&self) -> std::sync::MutexGuard<'_, HashMap<RecordAt, Form>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// After a failed transaction in which `lettered` got letters: when the dead-letter topic
+    /// refused one, their letters step down.
+    fn after_failure(&self, deliveries: &Deliveries, lettered: &[RecordAt], service: &str) {
+        let Some(why) = deliveries.take_letter_refusal() else { return };
+        let mut forms = self.forms();
+        for at in lettered {
+            let form = forms.entry(at.clone()).or_default();
+            *form = if *form == Form::Whole { Form::Bare } else { Form::None };
+            let next = if *form == Form::Bare { "a bare letter" } else { "no letter" };
+            tracing::error!(
+                service,
+                %why,
+                topic = %at.0,
+                partition = at.1,
+                offset = at.2,
+                next,
+                "the dead-letter topic refused a dead letter; the record is processed again with"
+            );
+        }
+    }
+
+    /// Once the batch of `lettered` has committed.
+    fn committed(&self, lettered: &[RecordAt]) {
+        let mut forms = self.forms();
+        if !forms.is_empty() {
+            for at in lettered {
+                forms.remove(at);
+            }
+        }
+    }
+
+    /// `input`'s outputs with its letters in their form, and how many were left out (each
+    /// logged).
+    fn apply(
+        &self,
+        outputs: Vec<Output>,
+        input: &Input,
+        service: &'static str,
+    ) -> (Vec<Output>, u64) {
+        let form = {
+            let forms = self.forms();
+            if forms.is_empty() {
+                return (outputs, 0);
+            }
+            forms.get(&record_at(input)).copied().unwrap_or_default()
+        };
+        match form {
+            Form::Whole => (outputs, 0),
+            Form::Bare => (outputs.into_iter().map(bare).collect(), 0),
+            Form::None => {
+                let (letters, rest): (Vec<_>, Vec<_>) =
+                    outputs.into_iter().partition(|o| o.topic == topup_proto::topics::DLQ);
+                for letter in &letters {
+                    let sha256 = letter
+                        .payload
+                        .as_deref()
+                        .and_then(|p| {
+                            <topup_proto::v1::DeadLetter as prost::Message>::decode(p).ok()
+                        })
+                        .map(|l| l.original_value_sha256)
+                        .unwrap_or_default();
+                    tracing::error!(
+                        service,
+                        topic = %input.topic,
+                        partition = input.partition,
+                        offset = input.offset,
+                        %sha256,
+                        "the dead-letter topic refuses even a bare letter: the record is passed \
+                         without one (it stays on its topic until retention)"
+                    );
+                }
+                (rest, letters.len() as u64)
+            }
+        }
     }
 }
 
@@ -79,7 +217,15 @@ impl ProducerContext for Deliveries {
     type DeliveryOpaque = ();
 
     fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        let Ok(message) = result else { return };
+        let message = match result {
+            Ok(message) => message,
+            Err((error, message)) => {
+                if message.topic() == topup_proto::topics::DLQ && refuses_letter(error) {
+                    self.refuse_letter(error.to_string());
+                }
+                return;
+            }
+        };
         if self.changelog != Some(message.topic()) {
             return;
         }
@@ -169,10 +315,11 @@ where
     let instance = spec.transactional_id.clone();
     crate::ops::as_instance(&instance, async move {
         let mut backoff = Duration::from_millis(500);
+        let letters = LetterForms::default();
         for incarnation in 0u64.. {
             let task = Task::new(make_processor())
                 .with_store(spec.kafka.store(), &spec.transactional_id);
-            match run_incarnation(&spec, incarnation, task, &shutdown).await {
+            match run_incarnation(&spec, incarnation, task, &letters, &shutdown).await {
                 Ok(()) => return Ok(()),
                 Err(error) => {
                     tracing::error!(service = spec.service, %error, ?backoff, "pipeline failed; restarting");
@@ -306,6 +453,7 @@ async fn run_incarnation<P: Processor>(
     spec: &PipelineSpec,
     incarnation: u64,
     mut task: Task<P>,
+    letters: &LetterForms,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     // Ready again once partitions are assigned and restored (see `apply_rebalances`).
@@ -323,7 +471,7 @@ async fn run_incarnation<P: Processor>(
     let txn = Txn::new(producer, &spec.kafka)?;
     let clients = Clients(Some((consumer, txn)));
     let served = match &clients.0 {
-        Some((consumer, txn)) => serve(spec, consumer, txn, &mut task, shutdown).await,
+        Some((consumer, txn)) => serve(spec, consumer, txn, &mut task, letters, shutdown).await,
         None => Ok(()),
     };
     if !clients.close().await {
@@ -370,6 +518,7 @@ async fn serve<P: Processor>(
     consumer: &StreamConsumer<RebalanceLog>,
     txn: &Txn,
     task: &mut Task<P>,
+    letters: &LetterForms,
     shutdown: &CancellationToken,
 ) -> Result<()> {
     txn.call("init_transactions", |p, t| p.init_transactions(t)).await?;
@@ -447,7 +596,7 @@ async fn serve<P: Processor>(
                 continue;
             }
         }
-        process_batch(spec, consumer, txn, task, &batch).await?;
+        process_batch(spec, consumer, txn, task, letters, &batch).await?;
         tracing::debug!(service = spec.service, records = batch.len(), "batch committed");
     }
     tracing::info!(service = spec.service, "pipeline stopped");
@@ -501,6 +650,7 @@ async fn process_batch<P: Processor>(
     consumer: &StreamConsumer<RebalanceLog>,
     txn: &Txn,
     task: &mut Task<P>,
+    letters: &LetterForms,
     batch: &[Input],
 ) -> Result<()> {
     // The transaction opens only once the batch is processed: a processor that waits on a
@@ -519,15 +669,19 @@ async fn process_batch<P: Processor>(
         )));
     }
     txn.producer.context().take();
+    txn.producer.context().take_letter_refusal();
     txn.producer.begin_transaction()?;
     let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     // Counted per batch, once it is committed.
     let mut consumed: BTreeMap<&str, u64> = BTreeMap::new();
     let mut produced: BTreeMap<&str, u64> = BTreeMap::new();
     let mut refused: BTreeMap<(&str, std::borrow::Cow<'static, str>), u64> = BTreeMap::new();
+    // The records of this batch answered with a dead letter; letters left out, per topic.
+    let mut lettered = Vec::new();
+    let mut unwritten: BTreeMap<&str, u64> = BTreeMap::new();
     for ((input, answer), cx) in batch.iter().zip(answers).zip(spans) {
         *consumed.entry(input.topic.as_str()).or_default() += 1;
-        let mut out = answer.unwrap_or_else(|refusal| {
+        let out = answer.unwrap_or_else(|refusal| {
             let reason = refusal.to_string();
             crate::telemetry::refused(&cx, &reason);
             *refused.entry((input.topic.as_str(), refusal.class())).or_default() += 1;
@@ -541,11 +695,24 @@ async fn process_batch<P: Processor>(
             );
             vec![dead_letter(input, spec.service, &reason)]
         });
-        for output in &mut out {
-            let sending = crate::telemetry::send_span(&cx, output);
-            let sent = send(&txn.producer, output).await;
+        if out.iter().any(|o| o.topic == topup_proto::topics::DLQ) {
+            lettered.push(record_at(input));
+        }
+        let (out, left_out) = letters.apply(out, input, spec.service);
+        if left_out > 0 {
+            *unwritten.entry(input.topic.as_str()).or_default() += left_out;
+        }
+        for mut output in out {
+            let sending = crate::telemetry::send_span(&cx, &mut output);
+            let sent = send(&txn.producer, &output).await;
             drop(sending);
             if let Err(error) = sent {
+                if let Error::Kafka(kafka) = &error {
+                    if output.topic == topup_proto::topics::DLQ && refuses_letter(kafka) {
+                        txn.producer.context().refuse_letter(kafka.to_string());
+                    }
+                }
+                letters.after_failure(txn.producer.context(), &lettered, spec.service);
                 txn.abort().await;
                 return Err(error);
             }
@@ -563,7 +730,11 @@ async fn process_batch<P: Processor>(
         .ok_or_else(|| Error::Timeout("consumer has no group metadata yet".into()))?;
     // On failure the outputs are discarded and the offsets not advanced; the processor's
     // memory is now ahead of Kafka, so this incarnation ends and the next one restores it.
-    txn.finish(Some((list.clone(), metadata))).await?;
+    if let Err(error) = txn.finish(Some((list.clone(), metadata))).await {
+        letters.after_failure(txn.producer.context(), &lettered, spec.service);
+        return Err(error);
+    }
+    letters.committed(&lettered);
     // Committed: the stores take the batch's state, checkpointed at its changelog records.
     task.committed(&txn.producer.context().take())?;
     // Counted before the offsets become visible to the group (tests wait on those).
@@ -573,6 +744,9 @@ async fn process_batch<P: Processor>(
     }
     for (topic, n) in produced {
         metrics.produced.inc_by(&[("service", spec.service), ("topic", topic)], n);
+    }
+    for (topic, n) in unwritten {
+        metrics.dead_letters_unwritten.inc_by(&[("service", spec.service), ("topic", topic)], n);
     }
     for ((topic, class), n) in refused {
         let labels = [("service", spec.service), ("topic", topic), ("reason", class.as_ref())];

@@ -166,6 +166,25 @@ pub fn dead_letter(input: &Input, service: &str, reason: &str) -> Output {
     }
 }
 
+/// `letter` (a dead letter) as it is written when the dead-letter topic refused it whole:
+/// where the record came from, why, its sizes and SHA-256, but none of its bytes, so that
+/// it fits any topic that takes a record of a few hundred bytes. Anything else unchanged.
+pub(crate) fn bare(mut letter: Output) -> Output {
+    if letter.topic != topup_proto::topics::DLQ {
+        return letter;
+    }
+    if let Some(mut inner) = letter.payload.as_deref().and_then(|p| DeadLetter::decode(p).ok()) {
+        inner.truncated |= !inner.original_key.is_empty() || !inner.original_value.is_empty();
+        inner.original_key.clear();
+        inner.original_value.clear();
+        inner.reason = cut_str(&inner.reason, DEAD_LETTER_BARE_REASON_BYTES).to_string();
+        letter.payload = Some(inner.encode_to_vec());
+    }
+    letter.key.clear();
+    letter.headers.clear();
+    letter
+}
+
 /// Most of a refused record's value a dead letter copies. With the key, reason and header
 /// caps below, a dead letter stays far below librdkafka's 1,000,000-byte `message.max.bytes`
 /// however large the input was: a letter too big to send would abort its transaction and
@@ -174,6 +193,7 @@ pub const DEAD_LETTER_VALUE_BYTES: usize = 64 * 1024;
 const DEAD_LETTER_KEY_BYTES: usize = 1024;
 const DEAD_LETTER_REASON_BYTES: usize = 4096;
 const DEAD_LETTER_HEADER_BYTES: usize = 16 * 1024;
+const DEAD_LETTER_BARE_REASON_BYTES: usize = 256;
 
 fn cut(bytes: &[u8], most: usize) -> &[u8] {
     &bytes[..bytes.len().min(most)]

@@ -20,12 +20,16 @@
 //! 6. **State at scale** (`memory`): the evaluator's task with its on-disk store fed
 //!    realistic subscribers (`--state-sizes`, 1 and 10 million): resident memory, changelog
 //!    bytes per balance event, the tick's cost; and (`restore`, Apache Kafka only) restoring
-//!    a changelog of `--restore-subscribers`: cold, and checkpointed after a tail.
+//!    a changelog of `--restore-subscribers`: cold, and checkpointed after a tail; then an
+//!    evaluator process killed with SIGKILL and started again, on its store and on none.
+//! 7. **Embedded stores** (`stores`): redb (the one used) and fjall given a partition
+//!    store's work for `--store-subscribers`, beside a map in memory.
 //!
 //! Prints the figures, writes them as JSON and the latency distribution as an SVG chart.
 //!
 //! `cargo run --release --bin topup-bench -- --events 200000 --subscribers 10000`
 mod state;
+mod stores;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -90,12 +94,15 @@ struct Cli {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "throughput,latency,recovery,commit-interval,restore,memory"
+        default_value = "throughput,latency,recovery,commit-interval,restore,memory,stores"
     )]
     phases: Vec<Phase>,
     /// Subscriber counts at which the state phase reads resident memory.
     #[arg(long, value_delimiter = ',', default_value = "1000000,10000000")]
     state_sizes: Vec<u64>,
+    /// Subscribers in the stores phase's store.
+    #[arg(long, default_value_t = 1_000_000)]
+    store_subscribers: u64,
     /// Subscribers in the changelog the restore phase restores.
     #[arg(long, default_value_t = 1_000_000)]
     restore_subscribers: u64,
@@ -126,6 +133,7 @@ enum Phase {
     CommitInterval,
     Restore,
     Memory,
+    Stores,
 }
 
 /// The baseline's processor: forwards every record, decides nothing.
@@ -578,6 +586,7 @@ struct Figures {
     max_batch: usize,
     brokers: Vec<BrokerFigures>,
     memory: Option<state::StateFigures>,
+    stores: Option<Vec<stores::EngineFigures>>,
     peak_rss_mib: f64,
 }
 
@@ -703,6 +712,7 @@ async fn on_brokers(
     if kind != BrokerKind::Mock && cli.phases.contains(&Phase::Restore) {
         let mut restore = state::StateFigures::default();
         state::restores(kind, cli.restore_subscribers, cli.restore_tail, &mut restore).await?;
+        restarts(kind, cli.restore_subscribers, cli.restore_tail, &mut restore).await?;
         figures.restore = Some(restore);
     }
     if kind != BrokerKind::Mock && cli.phases.contains(&Phase::CommitInterval) {
@@ -757,7 +767,21 @@ impl EvaluatorProcess {
         transactional_id: &str,
         static_membership: bool,
     ) -> anyhow::Result<Self> {
-        let child = std::process::Command::new(std::env::current_exe()?)
+        Self::start_on(kafka, transactional_id, static_membership, None)
+    }
+
+    /// With its local state stores in `state_dir` (none: in memory).
+    fn start_on(
+        kafka: &KafkaArgs,
+        transactional_id: &str,
+        static_membership: bool,
+        state_dir: Option<&std::path::Path>,
+    ) -> anyhow::Result<Self> {
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        if let Some(dir) = state_dir {
+            command.env("STATE_DIR", dir);
+        }
+        let child = command
             .env("TOPUP_BENCH_CHILD", "evaluator")
             .env("KAFKA_BROKERS", &kafka.brokers)
             .env("EVALUATOR_TRANSACTIONAL_ID", transactional_id)
@@ -857,11 +881,82 @@ async fn recovery(kind: BrokerKind, successor: Successor) -> anyhow::Result<f64>
         .context("no command for an event published after the kill within 2 minutes")
 }
 
+/// Phase 5's restarts: an evaluator process (the deployed shape: a store in `STATE_DIR`, one
+/// transactional id, static membership) processes a rule and a balance event for each of
+/// `subscribers`, is killed with SIGKILL, and `tail` balance events are published; then the
+/// seconds from starting its successor until the group has processed the tail: on the
+/// killed process's store, and on none (a cold restore).
+async fn restarts(
+    kind: BrokerKind,
+    subscribers: u64,
+    tail: u64,
+    figures: &mut state::StateFigures,
+) -> anyhow::Result<()> {
+    const ID: &str = "bench-restart";
+    let brokers = Brokers::start(kind, PARTITIONS)?;
+    let kafka = brokers.kafka_args();
+    let producer: Sender = kafka.producer().create()?;
+    for n in 0..subscribers {
+        let id = subscriber(n);
+        let update = RuleUpdated { rule: Some(state::realistic_rule(n, &id)), updated_at: None };
+        send(&producer, topics::RULES, &id, &update.encode_to_vec())?;
+        send(&producer, topics::BALANCE, &id, &balance(&id, 9_000, 1))?;
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let dir = tempfile::tempdir()?;
+    let lag = || Lag::new(&kafka, "topup-evaluator", &[topics::RULES, topics::BALANCE]);
+    let started = Instant::now();
+    let mut running = EvaluatorProcess::start_on(&kafka, ID, true, Some(dir.path()))?;
+    until_caught_up(vec![lag()?]).await?;
+    eprintln!(
+        "state: an evaluator process took {subscribers} subscribers in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let mut sequence = 1;
+    let mut restart = |state_dir: &std::path::Path| -> anyhow::Result<(EvaluatorProcess, Instant)> {
+        sequence += 1;
+        for n in 0..tail {
+            let id = subscriber(n);
+            send(&producer, topics::BALANCE, &id, &balance(&id, 8_000, sequence))?;
+        }
+        producer.flush(Duration::from_secs(60))?;
+        let started = Instant::now();
+        Ok((EvaluatorProcess::start_on(&kafka, ID, true, Some(state_dir))?, started))
+    };
+    running.0.kill()?;
+    running.0.wait()?;
+    let (successor, started) = restart(dir.path())?;
+    running = successor;
+    until_caught_up(vec![lag()?]).await?;
+    figures.restarted_restore_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "state: killed and restarted on its store, the {tail} events since processed in {:.2} s",
+        figures.restarted_restore_s
+    );
+    running.0.kill()?;
+    running.0.wait()?;
+    let empty = tempfile::tempdir()?;
+    let (successor, started) = restart(empty.path())?;
+    running = successor;
+    until_caught_up(vec![lag()?]).await?;
+    figures.restarted_cold_restore_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "state: killed and restarted without a store, the {tail} events since processed in {:.1} s",
+        figures.restarted_cold_restore_s
+    );
+    drop(running);
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     if std::env::var("TOPUP_BENCH_CHILD").as_deref() == Ok("evaluator") {
         // Phase 4's evaluator process.
         return topup_evaluator::main_from_args().await;
+    }
+    if std::env::var("TOPUP_BENCH_CHILD").as_deref() == Ok("store") {
+        // Phase 7's store processes.
+        return stores::child();
     }
     let cli = Cli::parse();
     topup_kafka::init_logging();
@@ -888,6 +983,11 @@ async fn main() -> anyhow::Result<()> {
         by_broker.push(figures);
     }
     let peak = peak_rss_mib();
+    let stores = if cli.phases.contains(&Phase::Stores) {
+        Some(stores::compare(cli.store_subscribers)?)
+    } else {
+        None
+    };
 
     let figures = Figures {
         events: cli.events,
@@ -895,6 +995,7 @@ async fn main() -> anyhow::Result<()> {
         max_batch: cli.max_batch,
         brokers: by_broker,
         memory,
+        stores,
         peak_rss_mib: peak,
     };
     std::fs::create_dir_all(&cli.out)?;
@@ -1003,6 +1104,17 @@ async fn main() -> anyhow::Result<()> {
             r.checkpointed_restore_s,
             per_million(r.checkpointed_restore_s)
         );
+        println!(
+            "| an evaluator process killed and started on its store: until the {} events since are processed | **{:.2}** | {:.2} |",
+            r.checkpointed_tail_records,
+            r.restarted_restore_s,
+            per_million(r.restarted_restore_s)
+        );
+        println!(
+            "| the same, started without a store | {:.1} | {:.1} |",
+            r.restarted_cold_restore_s,
+            per_million(r.restarted_cold_restore_s)
+        );
     }
     if let Some(m) = &f.memory {
         println!(
@@ -1022,9 +1134,15 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         println!(
-            "\nchangelog bytes per balance event (keys and values): {:.0}",
-            m.changelog_bytes_per_balance_event
+            "\nchangelog bytes per balance event (keys and values): {:.0} on average; {:.0} when \
+             it issues a top-up, {:.0} when it decides nothing",
+            m.changelog_bytes_per_balance_event,
+            m.changelog_bytes_per_top_up_event,
+            m.changelog_bytes_per_quiet_event
         );
+    }
+    if let Some(stores) = &f.stores {
+        stores::print(stores);
     }
     println!(
         "peak resident memory of the throughput and latency phases (mock brokers included): {:.0} MiB",

@@ -27,13 +27,20 @@ const BATCH: u64 = 500;
 pub(crate) struct StateFigures {
     /// Resident memory at each size.
     pub points: Vec<StatePoint>,
-    /// Changelog bytes (keys and values) written per balance event.
+    /// Changelog bytes (keys and values) written per balance event: on average, for an
+    /// event that issues a top-up, for one that decides nothing.
     pub changelog_bytes_per_balance_event: f64,
+    pub changelog_bytes_per_top_up_event: f64,
+    pub changelog_bytes_per_quiet_event: f64,
     /// Restores on Apache Kafka of a changelog with `restore_subscribers` subscribers.
     pub restore_subscribers: u64,
     pub cold_restore_s: f64,
     pub checkpointed_restore_s: f64,
     pub checkpointed_tail_records: u64,
+    /// An evaluator process killed and started again: seconds until the tail written since
+    /// was processed, on the killed process's store and on none.
+    pub restarted_restore_s: f64,
+    pub restarted_cold_restore_s: f64,
     pub cache_entries_per_partition: usize,
 }
 
@@ -49,7 +56,7 @@ pub(crate) struct StatePoint {
 
 /// A rule as a real subscriber has one: its own threshold and amount, two payment methods
 /// (a card and an Alipay account, tokens distinct per subscriber), two channels.
-fn realistic_rule(n: u64, id: &str) -> AutoTopUpRule {
+pub(crate) fn realistic_rule(n: u64, id: &str) -> AutoTopUpRule {
     let cny = |minor: i64| Money { currency: "CNY".into(), amount_minor: minor };
     AutoTopUpRule {
         subscriber_id: id.into(),
@@ -220,14 +227,24 @@ pub(crate) async fn at_scale(sizes: &[u64]) -> anyhow::Result<StateFigures> {
     }
     // Changelog bytes per balance event: a further balance for a sample of subscribers
     // (below their threshold every other time, so decisions are made too).
-    let (mut bytes, sample) = (0usize, done.min(100_000));
+    // Bytes are counted apart for the events that issue a top-up (even subscribers) and
+    // those that decide nothing (odd ones).
+    let (mut bytes, sample) = ([0usize; 2], done.min(100_000));
     let amount = |n: u64| if n.is_multiple_of(2) { 500 } else { 8_000 };
     balances(&mut task, 0..sample, amount, 2, &mut |o| {
-        bytes += o.key.len() + o.payload.as_ref().map_or(0, Vec::len)
+        let n: u64 = String::from_utf8_lossy(&o.key)
+            .chars()
+            .filter(char::is_ascii_digit)
+            .collect::<String>()
+            .parse()
+            .unwrap_or(0);
+        bytes[(n % 2) as usize] += o.key.len() + o.payload.as_ref().map_or(0, Vec::len)
     })
     .await?;
-    let events = sample;
-    figures.changelog_bytes_per_balance_event = bytes as f64 / events.max(1) as f64;
+    let half = (sample / 2).max(1) as f64;
+    figures.changelog_bytes_per_balance_event = (bytes[0] + bytes[1]) as f64 / sample.max(1) as f64;
+    figures.changelog_bytes_per_top_up_event = bytes[0] as f64 / half;
+    figures.changelog_bytes_per_quiet_event = bytes[1] as f64 / half;
     Ok(figures)
 }
 
