@@ -320,20 +320,46 @@ impl Platform {
         topic: &'static str,
     ) -> anyhow::Result<(Vec<T>, usize)> {
         let (mut all, mut skipped) = (Vec::new(), 0);
+        for record in self.read_topic(topic).await? {
+            match T::decode(record.payload.as_deref().unwrap_or_default()) {
+                Ok(message) => all.push(message),
+                Err(_) => skipped += 1,
+            }
+        }
+        Ok((all, skipped))
+    }
+
+    /// Every committed record of `topic` that exists now, partition after partition.
+    pub async fn read_topic(&self, topic: &'static str) -> anyhow::Result<Vec<topup_kafka::Input>> {
+        let mut all = Vec::new();
         for partition in 0..PARTITIONS {
             let kafka = self.kafka.clone();
             let records = tokio::task::spawn_blocking(move || {
                 read_partition_to_end(&kafka, topic, partition, WAIT)
             })
             .await??;
-            for record in records {
-                match T::decode(record.payload.as_deref().unwrap_or_default()) {
-                    Ok(message) => all.push(message),
-                    Err(_) => skipped += 1,
+            all.extend(records);
+        }
+        Ok(all)
+    }
+
+    /// Where `needle` occurs in the committed records of every platform topic (key, value
+    /// or header), as `topic/partition@offset`.
+    pub async fn find_in_topics(&self, needle: &[u8]) -> anyhow::Result<Vec<String>> {
+        let holds = |bytes: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+        let mut found = Vec::new();
+        for topic in topup_proto::topics::ALL {
+            for record in self.read_topic(topic).await? {
+                let in_headers = record.headers.iter().any(|(_, v)| holds(v));
+                if holds(record.key.as_deref().unwrap_or_default())
+                    || holds(record.payload.as_deref().unwrap_or_default())
+                    || in_headers
+                {
+                    found.push(format!("{topic}/{}@{}", record.partition, record.offset));
                 }
             }
         }
-        Ok((all, skipped))
+        Ok(found)
     }
 
     /// Every committed record of `topic` that exists now, decoded; any that does not
@@ -347,6 +373,53 @@ impl Platform {
             bail!("{skipped} records of {topic} are not a {}", std::any::type_name::<T>());
         }
         Ok(all)
+    }
+}
+
+/// Every log line of this process from the call on, kept in memory (and printed to
+/// standard error as usual), for tests that look for what logs must never hold. Call it
+/// before anything logs (before the platform starts): the first logging set-up of a
+/// process is the one that stays. Debug level and up, without timestamps.
+pub fn capture_logs() -> CapturedLogs {
+    let captured = CapturedLogs::default();
+    let writer = captured.clone();
+    // One layer, one filter: the lines kept are the lines printed.
+    let _ = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .without_time()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            "debug,rdkafka=info,librdkafka=info,sqlx=info,hyper=info,h2=info,reqwest=info",
+        ))
+        .with_writer(move || writer.clone())
+        .try_init();
+    captured
+}
+
+/// What [`capture_logs`] keeps.
+#[derive(Clone, Default)]
+pub struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut kept) = self.0.lock() {
+            kept.extend_from_slice(bytes);
+        }
+        // Printed as well, as the tests' logs always are.
+        std::io::stderr().write_all(bytes)?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@ use prost::Message as _;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use topup_api::{issue, Role};
-use topup_domain::CodeKey;
+use topup_domain::{CodeKey, TokenKeys};
 use topup_notifier::{Channels, Webhook, WebhookConfig};
 use topup_proto::topics;
 use topup_proto::v1::{TopUpCommand, TopUpResult};
@@ -26,6 +26,7 @@ struct World {
     base: String,
     http: reqwest::Client,
     api: topup_api::Running,
+    config: topup_api::Config,
 }
 
 fn token(subscriber: &str, role: Role) -> String {
@@ -53,13 +54,13 @@ impl World {
     ) -> anyhow::Result<Self> {
         let mut platform = Platform::cluster()?;
         let key = CodeKey::random();
+        let token_keys = TokenKeys::random("test");
         let mut evaluator = topup_evaluator::Config::new(platform.kafka.clone());
         evaluator.tick_ms = 100;
         platform.services.spawn(topup_evaluator::run(evaluator, platform.shutdown.clone()));
-        platform.start_payment_worker(
-            topup_payment_worker::Config::new(platform.kafka.clone()),
-            platform.gateway.clone(),
-        );
+        let mut worker = topup_payment_worker::Config::new(platform.kafka.clone());
+        worker.token_keys = Some(token_keys.clone());
+        platform.start_payment_worker(worker, platform.gateway.clone());
         let sms = WebhookServer::start().await?;
         let mut notifier = platform.notifier_config();
         notifier.confirmation_code_key = Some(key.clone());
@@ -73,19 +74,80 @@ impl World {
             push: None,
         };
         platform.start_notifier(notifier, channels);
-        let mut config =
-            topup_api::Config::new(platform.kafka.clone(), database_url, JWT_SECRET, key);
+        let mut config = topup_api::Config::new(
+            platform.kafka.clone(),
+            database_url,
+            JWT_SECRET,
+            key,
+            token_keys,
+        );
         config.addr = "127.0.0.1:0".parse()?;
         config.carrier_limits = "cmcc=2000-50000,*=100-100000".parse()?;
         tune(&mut config);
-        let api = topup_api::start(config, platform.shutdown.clone()).await?;
+        let api = topup_api::start(config.clone(), platform.shutdown.clone()).await?;
         Ok(Self {
             platform,
             sms,
             base: format!("http://{}", api.addr),
             http: reqwest::Client::new(),
             api,
+            config,
         })
+    }
+
+    /// Kills the API — every task of it ends wherever it is, nothing is shut down — and
+    /// starts another on the same database.
+    async fn kill_and_restart_api(&mut self) -> anyhow::Result<()> {
+        self.api.task.abort();
+        let killed = tokio::time::timeout(WAIT, &mut self.api.task).await?;
+        anyhow::ensure!(killed.is_err_and(|e| e.is_cancelled()), "the API was not killed");
+        self.api = topup_api::start(self.config.clone(), self.platform.shutdown.clone()).await?;
+        self.base = format!("http://{}", self.api.addr);
+        Ok(())
+    }
+
+    /// `phone` verified as `subscriber`'s contact with the code texted there (the `nth` code
+    /// texted to it).
+    async fn verify(
+        &self,
+        subscriber: &str,
+        phone: &str,
+        bearer: &str,
+        nth: usize,
+    ) -> anyhow::Result<()> {
+        let path = format!("/v1/subscribers/{subscriber}/contacts");
+        let contact = json!({ "kind": "CHANNEL_KIND_SMS", "address": phone });
+        let (status, body) = self.call(Method::POST, &path, Some(bearer), Some(contact)).await?;
+        anyhow::ensure!(status == StatusCode::ACCEPTED, "contact: {status} {body}");
+        let code = self.code(phone, nth).await?;
+        let verify = json!({ "kind": "CHANNEL_KIND_SMS", "address": phone, "code": code });
+        let (status, body) =
+            self.call(Method::POST, &format!("{path}/verify"), Some(bearer), Some(verify)).await?;
+        anyhow::ensure!(
+            status == StatusCode::OK && body["status"] == "verified",
+            "{status} {body}"
+        );
+        Ok(())
+    }
+
+    /// A draft from `phone` (verified first), confirmed with the code texted there,
+    /// activated.
+    async fn active_rule(&self, subscriber: &str, phone: &str, bearer: &str) -> anyhow::Result<()> {
+        let path = |p: &str| format!("/v1/subscribers/{subscriber}{p}");
+        self.verify(subscriber, phone, bearer, 1).await?;
+        let body = draft(phone, 5000);
+        let (status, body) =
+            self.call(Method::PUT, &path("/draft"), Some(bearer), Some(body)).await?;
+        anyhow::ensure!(status == StatusCode::ACCEPTED, "draft: {status} {body}");
+        let code = json!({ "code": self.code(phone, 2).await? });
+        let (status, body) =
+            self.call(Method::POST, &path("/draft/confirm"), Some(bearer), Some(code)).await?;
+        anyhow::ensure!(status == StatusCode::OK, "confirm: {status} {body}");
+        let (status, body) =
+            self.call(Method::POST, &path("/rule/activate"), Some(bearer), None).await?;
+        anyhow::ensure!(status == StatusCode::OK, "activate: {status} {body}");
+        anyhow::ensure!(body["publication"] == "published", "activate: {body}");
+        Ok(())
     }
 
     /// Stops the API (its history consumer leaves the group while Kafka is still there),
@@ -160,7 +222,200 @@ impl World {
 
 /// Draft → code by SMS → confirm → activate → low balance → top-up in the history; the
 /// other subscriber and the operator kept to what they may do; a replay changes nothing.
+/// Both or neither: a rule change committed while Kafka cannot take it, and the API killed
+/// before it could publish it. The change is in the outbox; the restarted API publishes it,
+/// after the changes before it, and the evaluator acts on it: paused, a low balance brings
+/// no top-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rule_change_committed_before_the_api_is_killed_reaches_kafka_after_the_restart(
+) -> anyhow::Result<()> {
+    use topup_proto::v1::{RuleState, RuleUpdated};
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("api.db").display());
+    let mut world = World::start(&url, |_| {}).await?;
+    let (subscriber, phone) = ("sub-outbox", "+8613800000077");
+    let bearer = token(subscriber, Role::Subscriber);
+    world.active_rule(subscriber, phone, &bearer).await?;
+
+    // Kafka stops answering; the pause is committed to the database, not published.
+    let broker = world.platform.kafka_cluster.brokers()[0];
+    world.platform.kafka_cluster.broker_pause(broker)?;
+    let pause = format!("/v1/subscribers/{subscriber}/rule/pause");
+    let answer = world.call(Method::POST, &pause, Some(&bearer), None).await;
+    // Killed before the relay could publish it.
+    let killed = world.kill_and_restart_api().await;
+    world.platform.kafka_cluster.broker_resume(broker)?;
+    let (status, body) = answer?;
+    killed?;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["state"], "RULE_STATE_PAUSED");
+    assert_eq!(body["publication"], "publishing", "Kafka could not have it yet: {body}");
+
+    // The restarted API publishes it, after the activation.
+    let rule_path = format!("/v1/subscribers/{subscriber}/rule");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, body) = world.call(Method::GET, &rule_path, Some(&bearer), None).await?;
+        if body["publication"] == "published" {
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never published: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let states: Vec<i32> = world
+        .platform
+        .read_all::<RuleUpdated>(topics::RULES)
+        .await?
+        .into_iter()
+        .filter_map(|u| u.rule.filter(|r| r.subscriber_id == subscriber).map(|r| r.state))
+        .collect();
+    let mut changes = states.clone();
+    changes.dedup(); // a record published twice (the killed API's last send) is one change
+    let expected = [RuleState::Confirmed, RuleState::Active, RuleState::Paused].map(|s| s as i32);
+    assert_eq!(changes, expected, "each change once and in order: {states:?}");
+
+    // The evaluator has it: paused, a balance below the threshold brings no top-up.
+    world.platform.publish_balance(subscriber, 500, 1).await?;
+    world.platform.wait_caught_up("topup-evaluator", &[topics::RULES, topics::BALANCE]).await?;
+    let commands = world.platform.read_all::<TopUpCommand>(topics::COMMANDS).await?;
+    assert!(commands.iter().all(|c| c.subscriber_id != subscriber), "{commands:?}");
+    world.stop().await
+}
+
+/// A rule the evaluator refuses — one in another currency than the subscriber's balance,
+/// which the API cannot know — shows as `rejected: <reason>`, and the rule before it stays
+/// in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rule_the_evaluator_refuses_shows_as_rejected_with_its_reason() -> anyhow::Result<()> {
+    let world = World::start("sqlite::memory:", |_| {}).await?;
+    let (subscriber, phone) = ("sub-usd", "+8613800000078");
+    let bearer = token(subscriber, Role::Subscriber);
+    // The carrier reports this subscriber's balance in US dollars.
+    let mut usd = topup_tests::balance(subscriber, 2_000, 1);
+    usd.balance = Some(topup_proto::v1::Money { currency: "USD".into(), amount_minor: 2_000 });
+    world.platform.publish_raw(topics::BALANCE, subscriber, &usd.encode_to_vec()).await?;
+    world.platform.wait_caught_up("topup-evaluator", &[topics::BALANCE]).await?;
+    world.active_rule(subscriber, phone, &bearer).await?;
+
+    let rule_path = format!("/v1/subscribers/{subscriber}/rule");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let body = loop {
+        let (status, body) = world.call(Method::GET, &rule_path, Some(&bearer), None).await?;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        if body["publication"].as_str().is_some_and(|p| p.starts_with("rejected: ")) {
+            break body;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never rejected: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reason = body["publication"].as_str().unwrap_or_default();
+    assert!(reason.contains("USD") && reason.contains("CNY"), "{reason}");
+    world.stop().await
+}
+
+/// Codes go only to verified contacts, and not often: a draft naming a number its
+/// subscriber has not verified is refused (no code sent), the console is refused outside
+/// the demo, codes are limited per subscriber and per destination whoever asks, and wrong
+/// codes are capped per subscriber per day across contacts and drafts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn codes_go_only_to_verified_contacts_and_are_limited_per_subscriber_and_destination(
+) -> anyhow::Result<()> {
+    let world = World::start("sqlite::memory:", |config| {
+        config.codes_per_hour = 3;
+        config.wrong_codes_per_day = 4;
+    })
+    .await?;
+    let fay = token("sub-fay", Role::Subscriber);
+    let phone = "+8613800000066";
+    let path = |p: &str| format!("/v1/subscribers/sub-fay{p}");
+    let sms = |code: &str| json!({ "kind": "CHANNEL_KIND_SMS", "address": phone, "code": code });
+
+    // Not verified: refused, and nothing is texted.
+    let (status, body) =
+        world.call(Method::PUT, &path("/draft"), Some(&fay), Some(draft(phone, 5000))).await?;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+    assert_eq!(body["error"]["field"], "channels[0].address");
+    let mut console = draft(phone, 5000);
+    console["channels"] = json!([{ "kind": "CHANNEL_KIND_CONSOLE" }]);
+    let (status, body) =
+        world.call(Method::PUT, &path("/draft"), Some(&fay), Some(console)).await?;
+    assert_eq!(
+        (status, body["error"]["field"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("channels[0].kind")),
+        "{body}"
+    );
+
+    // Verified with the code texted there (one wrong code first).
+    let (status, body) =
+        world.call(Method::POST, &path("/contacts"), Some(&fay), Some(sms(""))).await?;
+    assert_eq!(
+        (status, body["status"].clone()),
+        (StatusCode::ACCEPTED, json!("awaiting_verification"))
+    );
+    let code = world.code(phone, 1).await?;
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    let (status, body) =
+        world.call(Method::POST, &path("/contacts/verify"), Some(&fay), Some(sms(wrong))).await?;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::UNPROCESSABLE_ENTITY, json!("wrong_code"))
+    );
+    let (status, body) =
+        world.call(Method::POST, &path("/contacts/verify"), Some(&fay), Some(sms(&code))).await?;
+    assert_eq!((status, body["status"].clone()), (StatusCode::OK, json!("verified")), "{body}");
+    let (_, listed) = world.call(Method::GET, &path("/contacts"), Some(&fay), None).await?;
+    assert_eq!(listed["items"][0]["status"], "verified", "{listed}");
+
+    // Three codes an hour: the contact's and two drafts'; the fourth is refused.
+    for amount in [5000, 6000] {
+        let (status, body) = world
+            .call(Method::PUT, &path("/draft"), Some(&fay), Some(draft(phone, amount)))
+            .await?;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let response = world
+        .http
+        .put(format!("{}{}", world.base, path("/draft")))
+        .bearer_auth(&fay)
+        .json(&draft(phone, 7000))
+        .send()
+        .await?;
+    assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await?;
+    assert_eq!(body["error"]["code"], "too_many_codes", "{body}");
+    // Another subscriber cannot have more codes sent to fay's number either.
+    let gus = token("sub-gus", Role::Subscriber);
+    let (status, body) = world
+        .call(Method::POST, "/v1/subscribers/sub-gus/contacts", Some(&gus), Some(sms("")))
+        .await?;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body["error"]["message"].as_str().is_some_and(|m| m.contains("destination")), "{body}");
+    // Wrong codes count per subscriber per day, whichever draft: one for the contact, three
+    // for the draft make four, and then even the right code is refused.
+    let code = world.code(phone, 3).await?;
+    // Texted in order: had the refused drafts sent a code, it would be here by now.
+    assert_eq!(world.sms.requests(phone), 3, "three codes texted, no more");
+    let wrong = if code == "000000" { "111111" } else { "000000" };
+    for _ in 0..3 {
+        let (status, _) = world
+            .call(Method::POST, &path("/draft/confirm"), Some(&fay), Some(json!({ "code": wrong })))
+            .await?;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    }
+    let (status, body) = world
+        .call(Method::POST, &path("/draft/confirm"), Some(&fay), Some(json!({ "code": code })))
+        .await?;
+    assert_eq!(
+        (status, body["error"]["code"].clone()),
+        (StatusCode::LOCKED, json!("codes_locked")),
+        "{body}"
+    );
+    world.stop().await
+}
+
 async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
+    let logs = topup_tests::capture_logs();
     let world = World::start(database_url, |_| {}).await?;
     let alice = token("sub-alice", Role::Subscriber);
     let bob = token("sub-bob", Role::Subscriber);
@@ -176,12 +431,14 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
     let mut body = draft(phone, 5000);
     body["monthly"] =
         json!({ "dayOfMonth": today, "amount": { "currency": "CNY", "amountMinor": "3000" } });
+    world.verify("sub-alice", phone, &alice, 1).await?;
     let (status, body) = world.call(Method::PUT, &path("/draft"), Some(&alice), Some(body)).await?;
     assert_eq!(status, StatusCode::ACCEPTED, "{body}");
     assert_eq!(body["status"], "awaiting_confirmation");
     assert_eq!(body["rule"]["paymentMethods"][0]["masked"], "card •••• 4242");
     assert!(!body.to_string().contains("tok_approve"), "the token never comes back: {body}");
-    let code = world.code(phone, 1).await?;
+    let code = world.code(phone, 2).await?;
+    let contact_code = world.code(phone, 1).await?;
 
     // Nobody else confirms or reads Alice's draft; a wrong code costs an attempt.
     let confirm = |code: &str| json!({ "code": code });
@@ -238,6 +495,43 @@ async fn the_whole_flow(database_url: &str) -> anyhow::Result<()> {
         .await?;
     assert_eq!(items[0]["trigger"], "threshold", "newest first: {items:?}");
     assert_eq!(items[1]["trigger"], "monthly");
+
+    // The card's token, given to the API in the clear, is on no topic and in no table in
+    // the clear: sealed for alice from the draft on, opened only to charge it.
+    let found = world.platform.find_in_topics(b"tok_approve_4242").await?;
+    assert!(found.is_empty(), "the clear token is on {found:?}");
+    let db = topup_api::Db::connect(database_url).await?;
+    let stored = db.rule("sub-alice").await?.map(|r| r.rule).unwrap_or_default();
+    let drafted = db.draft("sub-alice").await?.map(|d| d.rule).unwrap_or_default();
+    for (what, rule) in [("rule", stored), ("draft", drafted)] {
+        assert!(!rule.payment_methods.is_empty(), "{what}");
+        for method in &rule.payment_methods {
+            assert!(topup_domain::is_sealed(&method.token), "{what}: {}", method.token);
+        }
+    }
+    // The codes travelled sealed: no notification record holds one.
+    let notices = world
+        .platform
+        .read_all::<topup_proto::v1::NotificationCommand>(topics::NOTIFICATIONS)
+        .await?;
+    for notice in &notices {
+        for (name, value) in &notice.parameters {
+            assert!(value != &code && value != &contact_code, "a clear code in {name}");
+        }
+    }
+    // Nor in any log line of the run (debug level and up), nor either code.
+    let logged = logs.text();
+    for line in ["contact verified", "rule confirmed", "top-up charged"] {
+        assert!(logged.contains(line), "the logs were captured ({line:?}): {logged}");
+    }
+    assert!(!logged.contains("tok_approve_4242"), "a clear token in the logs");
+    for code in [&code, &contact_code] {
+        let digits = |c: Option<char>| c.is_some_and(|c| c.is_ascii_digit());
+        let in_logs = logged.match_indices(code.as_str()).any(|(at, _)| {
+            !digits(logged[..at].chars().next_back()) && !digits(logged[at + 6..].chars().next())
+        });
+        assert!(!in_logs, "a confirmation code ({code}) in the logs");
+    }
     assert_eq!(items[1]["amount"]["amountMinor"], "3000");
     let item = &items[0];
     assert_eq!(item["amount"], json!({ "currency": "CNY", "amountMinor": "5000" }));
@@ -335,10 +629,11 @@ async fn codes_expire_and_lock_and_bad_requests_get_clear_errors() -> anyhow::Re
 
     // Three wrong codes lock the draft; then even the right code is refused, and so is a
     // new draft, until the lock ends.
+    world.verify("sub-carol", phone, &carol, 1).await?;
     let (status, _) =
         world.call(Method::PUT, &path("/draft"), Some(&carol), Some(draft(phone, 5000))).await?;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let code = world.code(phone, 1).await?;
+    let code = world.code(phone, 2).await?;
     let wrong = if code == "000000" { "111111" } else { "000000" };
     for left in [2, 1] {
         let (status, body) =
@@ -371,14 +666,15 @@ async fn codes_expire_and_lock_and_bad_requests_get_clear_errors() -> anyhow::Re
     let dave = token("sub-dave", Role::Subscriber);
     let dave_path = |p: &str| format!("/v1/subscribers/sub-dave{p}");
     let dave_phone = "+8613800000004";
+    world.verify("sub-dave", dave_phone, &dave, 1).await?;
     world
         .call(Method::PUT, &dave_path("/draft"), Some(&dave), Some(draft(dave_phone, 5000)))
         .await?;
-    let first = world.code(dave_phone, 1).await?;
+    let first = world.code(dave_phone, 2).await?;
     world
         .call(Method::PUT, &dave_path("/draft"), Some(&dave), Some(draft(dave_phone, 6000)))
         .await?;
-    let second = world.code(dave_phone, 2).await?;
+    let second = world.code(dave_phone, 3).await?;
     if first != second {
         let (status, _) = world
             .call(Method::POST, &dave_path("/draft/confirm"), Some(&dave), confirm(&first))
@@ -444,24 +740,26 @@ async fn codes_expire_and_lock_and_bad_requests_get_clear_errors() -> anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_code_is_refused_and_the_rate_limit_holds() -> anyhow::Result<()> {
-    // Codes that expire at once, and five requests a minute.
+    // Draft codes that expire at once, and seven requests a minute.
     let world = World::start("sqlite::memory:", |config| {
         config.code_ttl_secs = 0;
-        config.rate_limit_per_minute = 5;
+        config.rate_limit_per_minute = 7;
     })
     .await?;
     let erin = token("sub-erin", Role::Subscriber);
     let phone = "+8613800000005";
     let path = |p: &str| format!("/v1/subscribers/sub-erin{p}");
+    // Two requests: the contact, its code.
+    world.verify("sub-erin", phone, &erin, 1).await?;
     let (status, _) =
         world.call(Method::PUT, &path("/draft"), Some(&erin), Some(draft(phone, 5000))).await?;
     assert_eq!(status, StatusCode::ACCEPTED);
-    let code = world.code(phone, 1).await?;
+    let code = world.code(phone, 2).await?;
     let (status, body) = world
         .call(Method::POST, &path("/draft/confirm"), Some(&erin), Some(json!({ "code": code })))
         .await?;
     assert_eq!((status, body["error"]["code"].clone()), (StatusCode::GONE, json!("code_expired")));
-    // Two requests made; three more pass, the sixth is refused with a Retry-After.
+    // Four requests made; three more pass, the eighth is refused with a Retry-After.
     for _ in 0..3 {
         let (status, _) = world.call(Method::GET, &path("/draft"), Some(&erin), None).await?;
         assert_eq!(status, StatusCode::OK);
@@ -479,6 +777,8 @@ async fn an_expired_code_is_refused_and_the_rate_limit_holds() -> anyhow::Result
     for route in [
         "/v1/subscribers/{subscriberId}/draft:",
         "/v1/subscribers/{subscriberId}/draft/confirm:",
+        "/v1/subscribers/{subscriberId}/contacts:",
+        "/v1/subscribers/{subscriberId}/contacts/verify:",
         "/v1/subscribers/{subscriberId}/rule:",
         "/v1/subscribers/{subscriberId}/rule/activate:",
         "/v1/subscribers/{subscriberId}/rule/pause:",

@@ -143,7 +143,15 @@ async fn expiring_methods_are_reminded_once_and_expired_ones_skipped_with_a_word
     let mut results = platform.reader::<TopUpResult>(topics::RESULTS)?;
     let result = results.wait_for("the result", |r| r.subscriber_id == "sub-cards").await?.clone();
     assert_eq!(result.status, TopUpStatus::Succeeded as i32);
-    assert_eq!(result.payment_method.map(|m| m.token), Some("tok_approve_4242".to_string()));
+    let charged = topup_domain::payment_method_id(
+        topup_proto::v1::PaymentMethodKind::Card as i32,
+        "tok_approve_4242",
+    );
+    assert_eq!(
+        result.payment_method.map(|m| m.method_id),
+        Some(charged),
+        "by its id, not its token"
+    );
     let charges = platform.gateway.charges();
     assert_eq!(charges.get(&result.idempotency_key), Some(&1), "the second card's key");
     let expired = topup_domain::method_idempotency_key(

@@ -85,6 +85,29 @@ impl ApiError {
         e
     }
 
+    /// 429: one more code would break a limit on codes sent (per subscriber or per
+    /// destination, per hour or per day).
+    pub fn too_many_codes(what: &str, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_codes",
+            format!("too many codes sent {what}; another can be sent in {retry_after_secs} s"),
+        );
+        e.retry_after_secs = Some(retry_after_secs);
+        e
+    }
+
+    /// 423: too many wrong codes in a day, whichever drafts or contacts they were for.
+    pub fn codes_locked(retry_after_secs: u64) -> Self {
+        let mut e = Self::new(
+            StatusCode::LOCKED,
+            "codes_locked",
+            format!("too many wrong codes today: no code is accepted for {retry_after_secs} s"),
+        );
+        e.retry_after_secs = Some(retry_after_secs);
+        e
+    }
+
     /// 409: the change does not apply in the rule's state.
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)

@@ -1,6 +1,7 @@
 //! The top-up history: a consumer of `topup.commands.v1` and `topup.results.v1` writes one
 //! row per top-up into the database, and of `topup.notifications.v1` what the subscriber was
-//! told about each. At least once, and idempotent: a record read twice (a
+//! told about each; of `topup.dlq.v1` the rules the evaluator refused (a rule's publication
+//! then reads `rejected: <reason>`). At least once, and idempotent: a record read twice (a
 //! restart, a replay) updates the same row to the same values.
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -13,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use topup_kafka::KafkaArgs;
 use topup_proto::topics;
 use topup_proto::v1::{
-    FailureReason, NotificationCommand, NotificationKind, PaymentMethodKind, TopUpCommand,
-    TopUpResult, TopUpStatus, TopUpTrigger,
+    DeadLetter, FailureReason, NotificationCommand, NotificationKind, PaymentMethodKind,
+    RuleUpdated, TopUpCommand, TopUpResult, TopUpStatus, TopUpTrigger,
 };
 
 use crate::store::{Db, TopUpRow};
@@ -102,6 +103,9 @@ pub fn result_row(result: &TopUpResult) -> Option<TopUpRow> {
 /// Writes one record into the database; `Ok(false)` when the record is not a usable
 /// command or result (logged and skipped).
 async fn apply(db: &Db, topic: &str, payload: &[u8]) -> Result<bool, sqlx::Error> {
+    if topic == topics::DLQ {
+        return rejected(db, payload).await;
+    }
     if topic == topics::NOTIFICATIONS {
         let Ok(n) = NotificationCommand::decode(payload) else { return Ok(false) };
         if n.notification_id.is_empty() || n.subscriber_id.is_empty() {
@@ -139,6 +143,33 @@ async fn apply(db: &Db, topic: &str, payload: &[u8]) -> Result<bool, sqlx::Error
     Ok(true)
 }
 
+/// A dead letter: when it is the evaluator refusing a rule this API published, the rule's
+/// publication becomes `rejected: <reason>` (unless it has changed since). Any other letter
+/// is not the history's business.
+async fn rejected(db: &Db, payload: &[u8]) -> Result<bool, sqlx::Error> {
+    let Ok(letter) = DeadLetter::decode(payload) else { return Ok(false) };
+    if letter.source_topic != topics::RULES
+        || letter.service != "topup-evaluator"
+        || letter.truncated
+    {
+        return Ok(true);
+    }
+    let Ok(update) = RuleUpdated::decode(letter.original_value.as_slice()) else {
+        return Ok(true);
+    };
+    let (Some(rule), Some(at)) = (update.rule.as_ref(), update.updated_at.as_ref()) else {
+        return Ok(true);
+    };
+    if db.reject_rule(&rule.subscriber_id, millis(Some(at)), &letter.reason).await? {
+        tracing::warn!(
+            subscriber = %rule.subscriber_id,
+            reason = %letter.reason,
+            "the evaluator refused a published rule; the rule before it stays in force"
+        );
+    }
+    Ok(true)
+}
+
 /// Consumes commands and results into `db` until `shutdown`; `ready` is set while the
 /// consumer has partitions.
 pub async fn run(
@@ -149,7 +180,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let consumer: StreamConsumer = kafka.group_consumer(&group).create()?;
-    consumer.subscribe(&[topics::COMMANDS, topics::RESULTS, topics::NOTIFICATIONS])?;
+    consumer.subscribe(&[topics::COMMANDS, topics::RESULTS, topics::NOTIFICATIONS, topics::DLQ])?;
     tracing::info!(%group, "materialising the top-up history");
     loop {
         let message = tokio::select! {

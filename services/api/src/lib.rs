@@ -6,8 +6,10 @@
 //! PostgreSQL. The OpenAPI document is `deploy/openapi.yaml`, served at `/openapi.yaml`.
 
 pub mod auth;
+mod contacts;
 pub mod error;
 pub mod history;
+pub mod outbox;
 mod routes;
 pub mod store;
 
@@ -25,7 +27,7 @@ use axum::routing::{get, post, put};
 use rdkafka::producer::FutureProducer;
 use secrecy::{ExposeSecret, SecretString};
 use tokio_util::sync::CancellationToken;
-use topup_domain::{CarrierLimits, CodeKey};
+use topup_domain::{CarrierLimits, CodeKey, TokenKeys};
 use topup_kafka::KafkaArgs;
 
 pub use auth::{issue, Role};
@@ -71,6 +73,16 @@ pub struct Config {
     #[arg(long, env = "CONFIRMATION_CODE_KEY_FILE")]
     pub code_key_file: Option<PathBuf>,
 
+    /// Keys shared with the payment worker that seal payment tokens, `id:hex[,id:hex…]`
+    /// (64 hex digits each; the first seals, every one opens: rotate by putting a new one
+    /// first).
+    #[arg(long, env = "PAYMENT_TOKEN_KEYS", hide_env_values = true, value_parser = TokenKeys::parse)]
+    pub token_keys: Option<TokenKeys>,
+
+    /// File holding PAYMENT_TOKEN_KEYS.
+    #[arg(long, env = "PAYMENT_TOKEN_KEYS_FILE")]
+    pub token_keys_file: Option<PathBuf>,
+
     /// Smallest and largest single top-up per carrier, minor units: `cmcc=1000-50000,*=100-100000`.
     #[arg(long, env = "CARRIER_LIMITS", default_value_t = CarrierLimits::default())]
     pub carrier_limits: CarrierLimits,
@@ -95,6 +107,29 @@ pub struct Config {
     #[arg(long, env = "API_RATE_LIMIT_PER_MINUTE", default_value_t = 120)]
     pub rate_limit_per_minute: u32,
 
+    /// How long a contact's verification code works, in seconds.
+    #[arg(long, env = "API_CONTACT_CODE_TTL_SECS", default_value_t = 600)]
+    pub contact_code_ttl_secs: u64,
+
+    /// Codes (for contacts and drafts) sent per hour at most, per subscriber and per
+    /// destination.
+    #[arg(long, env = "API_CODES_PER_HOUR", default_value_t = 5)]
+    pub codes_per_hour: i64,
+
+    /// Codes sent per day at most, per subscriber and per destination.
+    #[arg(long, env = "API_CODES_PER_DAY", default_value_t = 10)]
+    pub codes_per_day: i64,
+
+    /// Wrong codes per subscriber per 24 hours, across drafts and contacts, before every
+    /// code is refused for the rest of the 24 hours.
+    #[arg(long, env = "API_WRONG_CODES_PER_DAY", default_value_t = 10)]
+    pub wrong_codes_per_day: i64,
+
+    /// Accept the console channel in rules (the embedded demo; never for real
+    /// subscribers: it prints their messages, codes included, where operators read).
+    #[arg(long, env = "API_ALLOW_CONSOLE", default_value_t = false)]
+    pub allow_console: bool,
+
     /// Consumer group of the history.
     #[arg(
         long = "api-history-group",
@@ -106,12 +141,19 @@ pub struct Config {
 
 impl Config {
     /// Defaults, with `kafka`, the secrets and the database given.
-    pub fn new(kafka: KafkaArgs, database_url: &str, jwt_secret: &str, code_key: CodeKey) -> Self {
+    pub fn new(
+        kafka: KafkaArgs,
+        database_url: &str,
+        jwt_secret: &str,
+        code_key: CodeKey,
+        token_keys: TokenKeys,
+    ) -> Self {
         Self {
             kafka,
             database_url: database_url.to_string(),
             jwt_secret: Some(SecretString::from(jwt_secret.to_string())),
             code_key: Some(code_key),
+            token_keys: Some(token_keys),
             ..topup_kafka::clap_defaults()
         }
     }
@@ -129,6 +171,21 @@ impl Config {
         .to_vec();
         anyhow::ensure!(secret.len() >= 32, "API_JWT_SECRET must be at least 32 bytes");
         Ok(secret)
+    }
+
+    fn token_keys(&self) -> anyhow::Result<TokenKeys> {
+        match (&self.token_keys, &self.token_keys_file) {
+            (Some(keys), _) => Ok(keys.clone()),
+            (None, Some(path)) => {
+                let text = topup_kafka::read_secret_file(path, "PAYMENT_TOKEN_KEYS_FILE")
+                    .map_err(anyhow::Error::msg)?;
+                Ok(TokenKeys::parse(text.expose_secret())?)
+            }
+            (None, None) => anyhow::bail!(
+                "PAYMENT_TOKEN_KEYS (or PAYMENT_TOKEN_KEYS_FILE) is required: payment tokens are \
+                 sealed with it before they are stored or published"
+            ),
+        }
     }
 
     fn key(&self) -> anyhow::Result<CodeKey> {
@@ -153,6 +210,11 @@ struct Settings {
     code_max_attempts: i64,
     code_lock: Duration,
     max_body_bytes: usize,
+    contact_code_ttl: Duration,
+    codes_per_hour: i64,
+    codes_per_day: i64,
+    wrong_codes_per_day: i64,
+    allow_console: bool,
 }
 
 /// What every handler shares.
@@ -161,7 +223,9 @@ pub struct App {
     db: Db,
     gate: auth::Gate,
     producer: FutureProducer,
+    outbox: Arc<outbox::Outbox>,
     code_key: CodeKey,
+    token_keys: TokenKeys,
     limits: CarrierLimits,
     settings: Settings,
     history_ready: Arc<AtomicBool>,
@@ -188,6 +252,11 @@ fn router(app: App) -> axum::Router {
         )
         .route("/v1/subscribers/{subscriber}/draft", put(routes::put_draft).get(routes::get_draft))
         .route("/v1/subscribers/{subscriber}/draft/confirm", post(routes::confirm))
+        .route(
+            "/v1/subscribers/{subscriber}/contacts",
+            post(contacts::add_contact).get(contacts::list_contacts),
+        )
+        .route("/v1/subscribers/{subscriber}/contacts/verify", post(contacts::verify_contact))
         .route(
             "/v1/subscribers/{subscriber}/rule",
             get(routes::get_rule).delete(routes::delete_rule),
@@ -246,21 +315,30 @@ fn ok(yes: bool) -> &'static str {
 pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Result<Running> {
     let jwt = config.jwt_secret()?;
     let code_key = config.key()?;
+    let token_keys = config.token_keys()?;
     let db = Db::connect(&config.database_url).await?;
     let producer: FutureProducer = config.kafka.producer().create()?;
     let history_ready = Arc::new(AtomicBool::new(false));
     let gate = auth::Gate::new(&jwt, config.rate_limit_per_minute);
+    let outbox = Arc::new(outbox::Outbox::default());
     let app = App {
         db: db.clone(),
         gate: gate.clone(),
         producer,
+        outbox: outbox.clone(),
         code_key,
+        token_keys,
         limits: config.carrier_limits.clone(),
         settings: Settings {
             code_ttl: Duration::from_secs(config.code_ttl_secs),
             code_max_attempts: config.code_max_attempts.max(1),
             code_lock: Duration::from_secs(config.code_lock_secs),
             max_body_bytes: config.max_body_bytes,
+            contact_code_ttl: Duration::from_secs(config.contact_code_ttl_secs),
+            codes_per_hour: config.codes_per_hour,
+            codes_per_day: config.codes_per_day,
+            wrong_codes_per_day: config.wrong_codes_per_day,
+            allow_console: config.allow_console,
         },
         history_ready: history_ready.clone(),
     };
@@ -269,15 +347,24 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         .with_context(|| format!("API_ADDR {}: cannot listen", config.addr))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, database = db.kind, "topup-api listening");
-    let history = tokio::spawn(history::run(
+    // Every task of this API in one set: aborting `Running::task` ends them all at once, as
+    // a killed process would.
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(history::run(
         config.kafka.clone(),
         config.history_group.clone(),
-        db,
+        db.clone(),
         history_ready,
         shutdown.clone(),
     ));
+    let holder = topup_kafka::instance_id("topup-api");
+    // Its own producer, whose sends end within 10 s (delivered or failed), well inside the
+    // relay's 30 s lease: a send still in flight can never land after a successor's.
+    let relay_producer: FutureProducer =
+        config.kafka.producer().set("message.timeout.ms", "10000").create()?;
+    tasks.spawn(outbox::relay(db, relay_producer, outbox, holder, shutdown.clone()));
     let forget = shutdown.clone();
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
@@ -285,12 +372,15 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
                 _ = every.tick() => gate.forget_idle(),
             }
         }
+        Ok(())
     });
     let task = tokio::spawn(async move {
         axum::serve(listener, router(app))
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await?;
-        history.await??;
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
         Ok(())
     });
     Ok(Running { addr, task })

@@ -27,25 +27,28 @@ use crate::App;
 const AWAITING: &str = "awaiting_confirmation";
 const CONFIRMED: &str = "confirmed";
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
-fn rfc3339(ms: i64) -> Value {
+pub(crate) fn rfc3339(ms: i64) -> Value {
     match chrono::DateTime::from_timestamp_millis(ms) {
         Some(t) if ms > 0 => json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
         _ => Value::Null,
     }
 }
 
-fn timestamp(ms: i64) -> topup_proto::Timestamp {
+pub(crate) fn timestamp(ms: i64) -> topup_proto::Timestamp {
     topup_proto::Timestamp {
         seconds: ms.div_euclid(1000),
         nanos: (ms.rem_euclid(1000) * 1_000_000) as i32,
     }
 }
 
-fn body_of(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) fn body_of(
+    body: Result<Bytes, BytesRejection>,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::too_large(limit)
@@ -55,7 +58,18 @@ fn body_of(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, A
     })
 }
 
-fn subscriber_of(raw: &str) -> Result<SubscriberId, ApiError> {
+/// The request's JSON body as a `T`, or 413 (too large) / 400 saying what was expected.
+pub(crate) fn json_body<T: serde::de::DeserializeOwned>(
+    app: &App,
+    body: Result<Bytes, BytesRejection>,
+    expected: &str,
+) -> Result<T, ApiError> {
+    let body = body_of(body, app.settings.max_body_bytes)?;
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_json(format!("expected {expected}: {e}")))
+}
+
+pub(crate) fn subscriber_of(raw: &str) -> Result<SubscriberId, ApiError> {
     SubscriberId::parse(raw).map_err(ApiError::invalid)
 }
 
@@ -98,7 +112,12 @@ fn draft_view(app: &App, draft: &Draft, now: i64) -> Value {
 }
 
 impl App {
-    async fn publish(&self, topic: &str, key: &str, payload: Vec<u8>) -> Result<(), ApiError> {
+    pub(crate) async fn publish(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), ApiError> {
         self.producer
             .send(FutureRecord::to(topic).key(key).payload(&payload), Duration::from_secs(10))
             .await
@@ -106,10 +125,44 @@ impl App {
             .map_err(|(e, _)| ApiError::unavailable("publishing to Kafka", e))
     }
 
-    async fn publish_rule(&self, rule: &AutoTopUpRule, now: i64) -> Result<(), ApiError> {
-        let record = RuleUpdated { rule: Some(rule.clone()), updated_at: Some(timestamp(now)) };
-        self.publish(topics::RULES, &rule.subscriber_id, record.encode_to_vec()).await
+    /// After the commit that put `version` of `subscriber`'s rule in the outbox: wakes the
+    /// relay and waits a little for it, so that an answer normally finds the change on
+    /// Kafka. Answers the rule's publication (see [`publication`]).
+    async fn relayed(&self, subscriber: &str, version: i64) -> &'static str {
+        self.outbox.wake();
+        if self.outbox.until_published(&self.db, subscriber, version, PUBLISH_WAIT).await {
+            "published"
+        } else {
+            "publishing"
+        }
     }
+}
+
+/// How long a rule change's answer waits for the relay to publish it (it is committed, and
+/// will be published, either way).
+const PUBLISH_WAIT: Duration = Duration::from_secs(3);
+
+/// The `RuleUpdated` record of `rule` as changed at `now` (milliseconds).
+fn rule_record(rule: &AutoTopUpRule, now: i64) -> Vec<u8> {
+    RuleUpdated { rule: Some(rule.clone()), updated_at: Some(timestamp(now)) }.encode_to_vec()
+}
+
+/// What became of a stored rule's last change: `publishing` (committed, on its way to
+/// Kafka), `published`, or `rejected: <reason>` (the evaluator refused it; the rule before
+/// it stays in force).
+async fn publication(app: &App, stored: &StoredRule) -> Result<String, ApiError> {
+    if !stored.rejected.is_empty() {
+        return Ok(format!("rejected: {}", stored.rejected));
+    }
+    let waiting = app.db.in_outbox(&stored.rule.subscriber_id, stored.version).await?;
+    Ok(if waiting { "publishing" } else { "published" }.to_string())
+}
+
+fn with_publication(mut view: Value, publication: &str) -> Value {
+    if let Some(object) = view.as_object_mut() {
+        object.insert("publication".into(), json!(publication));
+    }
+    view
 }
 
 /// Checks a draft rule as the evaluator will, then against the carrier's limits.
@@ -135,7 +188,7 @@ fn validate(app: &App, raw: &AutoTopUpRule, today: i64) -> Result<Rule, ApiError
     Ok(rule)
 }
 
-fn six_digits() -> String {
+pub(crate) fn six_digits() -> String {
     format!("{:06}", rand::random_range(0..1_000_000u32))
 }
 
@@ -161,8 +214,29 @@ pub(crate) async fn put_draft(
     }
     raw.subscriber_id = subscriber.to_string();
     raw.state = RuleState::Draft as i32;
+    if let Some(i) = raw.payment_methods.iter().position(|m| topup_domain::is_sealed(&m.token)) {
+        return Err(ApiError::invalid(ValidationError::new(
+            format!("payment_methods[{i}].token"),
+            "must be the gateway's token as the gateway gave it",
+        )));
+    }
     let now = now_ms();
     let rule = validate(&app, &raw, now.div_euclid(86_400_000))?;
+    crate::contacts::check_channels(&app, subscriber.as_str(), &raw.channels).await?;
+    let destinations: Vec<String> = raw
+        .channels
+        .iter()
+        .map(|c| {
+            let kind = topup_proto::v1::ChannelKind::try_from(c.kind)
+                .unwrap_or(topup_proto::v1::ChannelKind::Unspecified);
+            crate::contacts::destination(kind.as_str_name(), &c.address)
+        })
+        .collect();
+    crate::contacts::allow_codes(&app, subscriber.as_str(), &destinations, now).await?;
+    // Checked in the clear; from here on (database, Kafka) only sealed, for this subscriber.
+    for method in &mut raw.payment_methods {
+        method.token = app.token_keys.seal(subscriber.as_str(), &method.token);
+    }
     let existing = app.db.draft(subscriber.as_str()).await?;
     if let Some(draft) = &existing {
         if draft.locked_until_ms > now {
@@ -197,6 +271,9 @@ pub(crate) async fn put_draft(
     if !Db::save_draft(&mut tx, &draft).await? {
         return Err(ApiError::conflict("the draft was changed by another request; try again"));
     }
+    for to in &destinations {
+        Db::code_sent(&mut tx, subscriber.as_str(), to, now).await?;
+    }
     app.publish(topics::NOTIFICATIONS, subscriber.as_str(), notification.encode_to_vec()).await?;
     tx.commit().await?;
     tracing::info!(%subscriber, "draft saved; confirmation code sent");
@@ -230,10 +307,9 @@ pub(crate) async fn confirm(
 ) -> Result<Json<Value>, ApiError> {
     let claims = app.gate.admit(&headers)?;
     authorize(&claims, &subscriber, Access::Write)?;
-    let body = body_of(body, app.settings.max_body_bytes)?;
-    let ConfirmBody { code } = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid_json(format!("expected {{\"code\": \"123456\"}}: {e}")))?;
+    let ConfirmBody { code } = json_body(&app, body, r#"{"code": "123456"}"#)?;
     let now = now_ms();
+    crate::contacts::accept_codes(&app, &subscriber, now).await?;
     let mut draft = app
         .db
         .draft(&subscriber)
@@ -252,6 +328,7 @@ pub(crate) async fn confirm(
     }
     let mut conn = app.db.pool().acquire().await?;
     if !app.code_key.matches(&subscriber, code.trim(), &draft.code_hash) {
+        Db::wrong_code(&mut conn, &subscriber, now).await?;
         draft.attempts += 1;
         let locks = draft.attempts >= app.settings.code_max_attempts;
         if locks {
@@ -284,10 +361,12 @@ pub(crate) async fn confirm(
     {
         return Err(ApiError::conflict("the draft was changed by another request; try again"));
     }
-    app.publish_rule(&rule, now).await?;
+    // In the same transaction: the change reaches Kafka even if this process dies now.
+    Db::enqueue(&mut tx, &subscriber, version + 1, &rule_record(&rule, now), now).await?;
     tx.commit().await?;
-    tracing::info!(%subscriber, "rule confirmed");
-    Ok(Json(rule_view(&rule, now)))
+    let publication = app.relayed(&subscriber, version + 1).await;
+    tracing::info!(%subscriber, publication, "rule confirmed");
+    Ok(Json(with_publication(rule_view(&rule, now), publication)))
 }
 
 async fn current_rule(app: &App, subscriber: &str) -> Result<StoredRule, ApiError> {
@@ -307,7 +386,8 @@ pub(crate) async fn get_rule(
     let claims = app.gate.admit(&headers)?;
     authorize(&claims, &subscriber, Access::Read)?;
     let stored = current_rule(&app, &subscriber).await?;
-    Ok(Json(rule_view(&stored.rule, stored.updated_at_ms)))
+    let publication = publication(&app, &stored).await?;
+    Ok(Json(with_publication(rule_view(&stored.rule, stored.updated_at_ms), &publication)))
 }
 
 /// Moves the rule from one of `from` to `to`, publishing it.
@@ -317,7 +397,7 @@ async fn transition(
     headers: &HeaderMap,
     from: &[RuleState],
     to: RuleState,
-) -> Result<AutoTopUpRule, ApiError> {
+) -> Result<(AutoTopUpRule, &'static str), ApiError> {
     let claims = app.gate.admit(headers)?;
     authorize(&claims, subscriber, Access::Write)?;
     let stored = current_rule(app, subscriber).await?;
@@ -335,10 +415,13 @@ async fn transition(
     if !Db::save_rule(&mut tx, &rule, to.as_str_name(), stored.version, now).await? {
         return Err(ApiError::conflict("the rule was changed by another request; try again"));
     }
-    app.publish_rule(&rule, now).await?;
+    // In the same transaction: the change reaches Kafka even if this process dies now.
+    let version = stored.version + 1;
+    Db::enqueue(&mut tx, subscriber, version, &rule_record(&rule, now), now).await?;
     tx.commit().await?;
-    tracing::info!(%subscriber, state = to.as_str_name(), "rule changed");
-    Ok(rule)
+    let publication = app.relayed(subscriber, version).await;
+    tracing::info!(%subscriber, state = to.as_str_name(), publication, "rule changed");
+    Ok((rule, publication))
 }
 
 /// What `POST /v1/subscribers/{id}/rule/{action}` does: the states it applies in, the
@@ -362,8 +445,8 @@ pub(crate) async fn change_rule(
             "no action {action:?}: activate, pause or resume"
         )));
     };
-    let rule = transition(&app, &subscriber, &headers, from, *to).await?;
-    Ok(Json(rule_view(&rule, now_ms())))
+    let (rule, publication) = transition(&app, &subscriber, &headers, from, *to).await?;
+    Ok(Json(with_publication(rule_view(&rule, now_ms()), publication)))
 }
 
 /// `DELETE /v1/subscribers/{id}/rule`.

@@ -48,6 +48,34 @@ pub struct StoredRule {
     pub version: i64,
     /// Last change.
     pub updated_at_ms: i64,
+    /// Why the evaluator refused it, if it did (empty otherwise).
+    pub rejected: String,
+}
+
+/// A contact of a subscriber (see `crate::contacts`).
+#[derive(Debug, Clone)]
+pub struct Contact {
+    /// `CHANNEL_KIND_SMS`, `CHANNEL_KIND_EMAIL` or `CHANNEL_KIND_PUSH`.
+    pub kind: String,
+    /// The phone number, e-mail address or push token.
+    pub address: String,
+    /// The code's keyed hash; empty once used or withdrawn.
+    pub code_hash: String,
+    /// When the code stops working.
+    pub code_expires_ms: i64,
+    /// When it was verified (0: not yet).
+    pub verified_at_ms: i64,
+}
+
+/// A rule change waiting in the outbox.
+#[derive(Debug, Clone)]
+pub struct OutboxRow {
+    /// Whose.
+    pub subscriber_id: String,
+    /// The rule's version after the change.
+    pub version: i64,
+    /// The `RuleUpdated` record.
+    pub record: Vec<u8>,
 }
 
 /// One top-up of the history.
@@ -199,19 +227,268 @@ impl Db {
 
     /// The subscriber's rule as last published.
     pub async fn rule(&self, subscriber: &str) -> Result<Option<StoredRule>, sqlx::Error> {
-        let row =
-            sqlx::query("SELECT rule, version, updated_at_ms FROM rules WHERE subscriber_id = $1")
-                .bind(subscriber)
-                .fetch_optional(&self.pool)
-                .await?;
+        let row = sqlx::query(
+            "SELECT rule, version, updated_at_ms, rejected FROM rules WHERE subscriber_id = $1",
+        )
+        .bind(subscriber)
+        .fetch_optional(&self.pool)
+        .await?;
         row.map(|row| {
             Ok(StoredRule {
                 rule: decode(&row.try_get::<String, _>("rule")?)?,
                 version: row.try_get("version")?,
                 updated_at_ms: row.try_get("updated_at_ms")?,
+                rejected: row.try_get("rejected")?,
             })
         })
         .transpose()
+    }
+
+    /// Puts `record` (a `RuleUpdated`) in the outbox, in the transaction of the change.
+    pub async fn enqueue(
+        conn: &mut AnyConnection,
+        subscriber: &str,
+        version: i64,
+        record: &[u8],
+        now_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO outbox (subscriber_id, version, record, created_at_ms) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(subscriber)
+        .bind(version)
+        .bind(base64::engine::general_purpose::STANDARD.encode(record))
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Up to `limit` rows of the outbox, each subscriber's in version order.
+    pub async fn outbox(&self, limit: i64) -> Result<Vec<OutboxRow>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT subscriber_id, version, record FROM outbox \
+             ORDER BY subscriber_id, version LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let record: String = row.try_get("record")?;
+                Ok(OutboxRow {
+                    subscriber_id: row.try_get("subscriber_id")?,
+                    version: row.try_get("version")?,
+                    record: base64::engine::general_purpose::STANDARD
+                        .decode(record)
+                        .map_err(|e| sqlx::Error::Decode(Box::new(e)))?,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether the change to `version` of `subscriber`'s rule is still waiting.
+    pub async fn in_outbox(&self, subscriber: &str, version: i64) -> Result<bool, sqlx::Error> {
+        let row =
+            sqlx::query("SELECT version FROM outbox WHERE subscriber_id = $1 AND version = $2")
+                .bind(subscriber)
+                .bind(version)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(row.is_some())
+    }
+
+    /// Removes a row Kafka has acknowledged.
+    pub async fn published(&self, subscriber: &str, version: i64) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM outbox WHERE subscriber_id = $1 AND version = $2")
+            .bind(subscriber)
+            .bind(version)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes (or keeps) the relay's lease for `holder` until `until_ms`: false while
+    /// another holder's lease has not run out.
+    pub async fn take_lease(
+        &self,
+        holder: &str,
+        now_ms: i64,
+        until_ms: i64,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE outbox_lease SET holder = $1, until_ms = $2 \
+             WHERE name = 'relay' AND (holder = $3 OR until_ms < $4)",
+        )
+        .bind(holder)
+        .bind(until_ms)
+        .bind(holder)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    /// `subscriber`'s contact `kind`/`address`, if known: (code hash, code expiry,
+    /// verified at; 0 = not verified).
+    pub async fn contact(
+        &self,
+        subscriber: &str,
+        kind: &str,
+        address: &str,
+    ) -> Result<Option<Contact>, sqlx::Error> {
+        let row = sqlx::query(
+            "SELECT code_hash, code_expires_ms, verified_at_ms FROM contacts \
+             WHERE subscriber_id = $1 AND kind = $2 AND address = $3",
+        )
+        .bind(subscriber)
+        .bind(kind)
+        .bind(address)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|row| {
+            Ok(Contact {
+                kind: kind.to_string(),
+                address: address.to_string(),
+                code_hash: row.try_get("code_hash")?,
+                code_expires_ms: row.try_get("code_expires_ms")?,
+                verified_at_ms: row.try_get("verified_at_ms")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Every contact of `subscriber`.
+    pub async fn contacts(&self, subscriber: &str) -> Result<Vec<Contact>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT kind, address, code_hash, code_expires_ms, verified_at_ms FROM contacts \
+             WHERE subscriber_id = $1 ORDER BY kind, address",
+        )
+        .bind(subscriber)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Contact {
+                    kind: row.try_get("kind")?,
+                    address: row.try_get("address")?,
+                    code_hash: row.try_get("code_hash")?,
+                    code_expires_ms: row.try_get("code_expires_ms")?,
+                    verified_at_ms: row.try_get("verified_at_ms")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Stores `contact` for `subscriber` (a new code, or its verification).
+    pub async fn save_contact(
+        conn: &mut AnyConnection,
+        subscriber: &str,
+        contact: &Contact,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO contacts (subscriber_id, kind, address, code_hash, code_expires_ms, \
+             verified_at_ms) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (subscriber_id, kind, address) DO UPDATE SET \
+             code_hash = excluded.code_hash, code_expires_ms = excluded.code_expires_ms, \
+             verified_at_ms = excluded.verified_at_ms",
+        )
+        .bind(subscriber)
+        .bind(&contact.kind)
+        .bind(&contact.address)
+        .bind(&contact.code_hash)
+        .bind(contact.code_expires_ms)
+        .bind(contact.verified_at_ms)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a code sent to `destination` for `subscriber`.
+    pub async fn code_sent(
+        conn: &mut AnyConnection,
+        subscriber: &str,
+        destination: &str,
+        now_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO codes_sent (subscriber_id, destination, sent_at_ms) VALUES ($1, $2, $3)",
+        )
+        .bind(subscriber)
+        .bind(destination)
+        .bind(now_ms)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+
+    /// The times of the codes sent since `since_ms`, oldest first: to `subscriber` when
+    /// `by_destination` is false, else to `key` as a destination (whoever asked).
+    pub async fn codes_sent_since(
+        &self,
+        key: &str,
+        by_destination: bool,
+        since_ms: i64,
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let query = if by_destination {
+            "SELECT sent_at_ms FROM codes_sent WHERE destination = $1 AND sent_at_ms >= $2 \
+             ORDER BY sent_at_ms"
+        } else {
+            "SELECT sent_at_ms FROM codes_sent WHERE subscriber_id = $1 AND sent_at_ms >= $2 \
+             ORDER BY sent_at_ms"
+        };
+        let rows = sqlx::query(query).bind(key).bind(since_ms).fetch_all(&self.pool).await?;
+        rows.iter().map(|row| row.try_get("sent_at_ms")).collect()
+    }
+
+    /// Records a wrong code given for `subscriber`.
+    pub async fn wrong_code(
+        conn: &mut AnyConnection,
+        subscriber: &str,
+        now_ms: i64,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("INSERT INTO wrong_codes (subscriber_id, at_ms) VALUES ($1, $2)")
+            .bind(subscriber)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// The times of `subscriber`'s wrong codes since `since_ms`, oldest first.
+    pub async fn wrong_codes_since(
+        &self,
+        subscriber: &str,
+        since_ms: i64,
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT at_ms FROM wrong_codes WHERE subscriber_id = $1 AND at_ms >= $2 ORDER BY at_ms",
+        )
+        .bind(subscriber)
+        .bind(since_ms)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(|row| row.try_get("at_ms")).collect()
+    }
+
+    /// Records why the evaluator refused `subscriber`'s rule as published at `updated_at_ms`
+    /// (a later change clears it). False when the rule has changed since.
+    pub async fn reject_rule(
+        &self,
+        subscriber: &str,
+        updated_at_ms: i64,
+        reason: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE rules SET rejected = $1 WHERE subscriber_id = $2 AND updated_at_ms = $3",
+        )
+        .bind(reason)
+        .bind(subscriber)
+        .bind(updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     /// Stores `rule` if the stored version is still `version` (0: none stored yet).
@@ -235,8 +512,8 @@ impl Db {
             .await?
         } else {
             sqlx::query(
-                "UPDATE rules SET rule = $1, state = $2, version = version + 1, updated_at_ms = $3 \
-                 WHERE subscriber_id = $4 AND version = $5",
+                "UPDATE rules SET rule = $1, state = $2, version = version + 1, updated_at_ms = $3, \
+                 rejected = '' WHERE subscriber_id = $4 AND version = $5",
             )
             .bind(encode(rule))
             .bind(state)

@@ -14,6 +14,7 @@ mod notice;
 mod outcome;
 mod rule;
 mod signing;
+mod token;
 
 pub use balance::BalanceObservation;
 pub use code::{CodeError, CodeKey, SEALED_CODE_PARAMETER};
@@ -29,3 +30,4 @@ pub use notice::Notice;
 pub use outcome::{OutcomeStatus, TopUpOutcome};
 pub use rule::{Channel, MonthlyTopUp, PaymentMethod, Rule, RuleState, TopUpAmount, YearMonth};
 pub use signing::request_signature;
+pub use token::{is_sealed, TokenError, TokenKeys, SEALED_TOKEN_PREFIX};

@@ -131,6 +131,16 @@ pub struct Config {
     )]
     pub key_retention_secs: u64,
 
+    /// Keys that open sealed payment tokens (`id:hex[,id:hex…]`, the API's
+    /// PAYMENT_TOKEN_KEYS). Without them a sealed token cannot be charged (that method is
+    /// refused); clear tokens from before sealing are charged as they are.
+    #[arg(long, env = "PAYMENT_TOKEN_KEYS", hide_env_values = true, value_parser = topup_domain::TokenKeys::parse)]
+    pub token_keys: Option<topup_domain::TokenKeys>,
+
+    /// File holding PAYMENT_TOKEN_KEYS.
+    #[arg(long, env = "PAYMENT_TOKEN_KEYS_FILE")]
+    pub token_keys_file: Option<PathBuf>,
+
     /// Subscribers charged at once within a batch.
     #[arg(long = "payment-concurrency", env = "PAYMENT_CONCURRENCY", default_value_t = 32)]
     pub concurrency: usize,
@@ -145,6 +155,21 @@ impl Config {
     /// until one is); tests and the embedded demo hand theirs to [`run`].
     pub fn new(kafka: KafkaArgs) -> Self {
         Self { kafka, ..topup_kafka::clap_defaults() }
+    }
+
+    /// The keys that open sealed tokens, if any are given.
+    pub fn token_keys(&self) -> anyhow::Result<Option<topup_domain::TokenKeys>> {
+        match (&self.token_keys, &self.token_keys_file) {
+            (Some(keys), _) => Ok(Some(keys.clone())),
+            (None, Some(path)) => {
+                let text = topup_kafka::read_secret_file(path, "PAYMENT_TOKEN_KEYS_FILE")
+                    .map_err(anyhow::Error::msg)?;
+                Ok(Some(topup_domain::TokenKeys::parse(secrecy::ExposeSecret::expose_secret(
+                    &text,
+                ))?))
+            }
+            (None, None) => Ok(None),
+        }
     }
 
     /// The retry schedule these settings describe.
@@ -239,6 +264,10 @@ pub async fn run<G: PaymentGateway + Clone>(
         format!("{transactional_id}-retries"),
     );
     let (retry, concurrency) = (config.retry_policy(), config.concurrency);
+    let tokens = config.token_keys().map_err(|e| topup_kafka::Error::Config(format!("{e:#}")))?;
+    if tokens.is_none() {
+        tracing::warn!("PAYMENT_TOKEN_KEYS is not set: sealed payment tokens cannot be charged");
+    }
     let limits = Limits {
         max_single_charge_minor: config.max_single_charge_minor,
         max_command_age: config.max_command_age.clone(),
@@ -246,8 +275,10 @@ pub async fn run<G: PaymentGateway + Clone>(
     };
     // One view of the rules for both lanes of this instance.
     let rules = RuleView::start(&config.kafka, shutdown.clone());
-    let worker =
-        || PaymentWorker::new(gateway.clone(), retry, limits.clone(), rules.clone(), concurrency);
+    let worker = || {
+        PaymentWorker::new(gateway.clone(), retry, limits.clone(), rules.clone(), concurrency)
+            .with_token_keys(tokens.clone())
+    };
     let (a, b) = tokio::join!(
         run_pipeline(commands, worker, shutdown.clone()),
         run_pipeline(retries, worker, shutdown.clone()),

@@ -268,6 +268,22 @@ enum Resolution {
     Unknown(String),
 }
 
+/// The clear token of `method` for `subscriber`: opened with `tokens` when it is sealed, as
+/// it is when it is a clear one from before sealing. Never logged, never in a result.
+fn clear_token(
+    tokens: Option<&topup_domain::TokenKeys>,
+    subscriber: &str,
+    method: &PaymentMethod,
+) -> Result<String, String> {
+    if !topup_domain::is_sealed(&method.token) {
+        return Ok(method.token.clone());
+    }
+    match tokens {
+        Some(keys) => keys.open(subscriber, &method.token).map_err(|e| e.to_string()),
+        None => Err("the payment token is sealed and PAYMENT_TOKEN_KEYS is not set".into()),
+    }
+}
+
 /// The payment worker's processor, for both the command lane and the retry lane.
 pub struct PaymentWorker<G> {
     gateway: G,
@@ -276,6 +292,9 @@ pub struct PaymentWorker<G> {
     rules: RuleView,
     /// Subscribers charged at once within one batch.
     concurrency: usize,
+    /// What opens sealed payment tokens (`topup_domain::TokenKeys`); none: only clear ones
+    /// can be charged.
+    tokens: Option<topup_domain::TokenKeys>,
 }
 
 /// The longest a batch waits for the rule view to catch up before its charges are parked.
@@ -291,7 +310,13 @@ impl<G: PaymentGateway> PaymentWorker<G> {
         rules: RuleView,
         concurrency: usize,
     ) -> Self {
-        Self { gateway, retry, limits, rules, concurrency: concurrency.max(1) }
+        Self { gateway, retry, limits, rules, concurrency: concurrency.max(1), tokens: None }
+    }
+
+    /// The keys that open sealed tokens.
+    pub fn with_token_keys(mut self, tokens: Option<topup_domain::TokenKeys>) -> Self {
+        self.tokens = tokens;
+        self
     }
 
     /// One record of either lane, to what it produces. `rules_current`: the rule view has
@@ -509,8 +534,9 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             } else {
                 method_idempotency_key(&charge.command.idempotency_key, &method_id)
             };
+            // Results name the method by its id and label, never by its token.
             charge.progress.method = Some(PaymentMethod {
-                token: method.token.clone(),
+                token: String::new(),
                 kind: method.kind,
                 label: method.label.clone(),
                 expires: method.expires.clone(),
@@ -578,9 +604,21 @@ impl<G: PaymentGateway> PaymentWorker<G> {
                 }
                 Authorised::NotYet => return (self.wait_for_rules(charge), expired),
             }
+            let token = match clear_token(
+                self.tokens.as_ref(),
+                &charge.command.subscriber_id,
+                &method,
+            ) {
+                Ok(token) => token,
+                Err(detail) => {
+                    tracing::error!(subscriber = %charge.subscriber, method = %method_id, %detail, "payment token does not open: method skipped");
+                    charge.refused(FailureReason::NoPaymentMethod, detail);
+                    continue;
+                }
+            };
             let request = ChargeRequest {
                 idempotency_key: key.clone(),
-                token: method.token.clone(),
+                token,
                 kind: PaymentMethodKind::try_from(method.kind)
                     .unwrap_or(PaymentMethodKind::Unspecified),
                 amount: charge.amount,
@@ -883,5 +921,25 @@ impl<G: PaymentGateway> Processor for PaymentWorker<G> {
 
     fn concurrency(&self) -> usize {
         self.concurrency
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sealed_token_is_opened_to_charge_and_a_clear_one_from_before_is_charged_as_it_is() {
+        let keys = topup_domain::TokenKeys::random("k1");
+        let method = |token: String| PaymentMethod { token, ..Default::default() };
+        let sealed = method(keys.seal("sub-1", "tok_approve_4242"));
+        assert_eq!(clear_token(Some(&keys), "sub-1", &sealed).unwrap(), "tok_approve_4242");
+        // Sealed for another subscriber, or no keys: that method cannot be charged.
+        assert!(clear_token(Some(&keys), "sub-2", &sealed).is_err());
+        let without = clear_token(None, "sub-1", &sealed).unwrap_err();
+        assert!(without.contains("PAYMENT_TOKEN_KEYS"), "{without}");
+        // A record written before tokens were sealed still works.
+        let clear = method("tok_legacy_1".into());
+        assert_eq!(clear_token(None, "sub-1", &clear).unwrap(), "tok_legacy_1");
     }
 }

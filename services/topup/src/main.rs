@@ -67,17 +67,28 @@ async fn main() -> anyhow::Result<()> {
     tasks
         .spawn(topup_evaluator::run(topup_evaluator::Config::new(kafka.clone()), shutdown.clone()));
     // The sandbox, chosen here (a standalone worker needs PAYMENT_GATEWAY): no money moves.
+    // One key seals payment tokens between the API and the payment worker.
+    let token_keys = topup_domain::TokenKeys::random("demo");
+    let mut worker = topup_payment_worker::Config::new(kafka.clone());
+    worker.token_keys = Some(token_keys.clone());
     tasks.spawn(topup_payment_worker::run(
-        topup_payment_worker::Config::new(kafka.clone()),
+        worker,
         topup_payment_worker::Sandbox::new(),
         shutdown.clone(),
     ));
     // One key seals confirmation codes between the API and the notifier; one signs tokens.
     let code_key = topup_domain::CodeKey::random();
     let jwt_secret = topup_domain::CodeKey::random().to_hex();
-    let mut api =
-        topup_api::Config::new(kafka.clone(), &cli.database_url, &jwt_secret, code_key.clone());
+    let mut api = topup_api::Config::new(
+        kafka.clone(),
+        &cli.database_url,
+        &jwt_secret,
+        code_key.clone(),
+        token_keys,
+    );
     api.addr = cli.api_addr;
+    // The demo's subscribers may name the console (it is where its messages go).
+    api.allow_console = true;
     let api = topup_api::start(api, shutdown.clone()).await?;
     let day = 24 * 3600;
     let subscriber =

@@ -73,9 +73,17 @@ impl Webhook {
         Ok(Self { client, config })
     }
 
-    /// Where it posts, for logs.
+    /// Where it posts, for logs: the URL's scheme, host and port only. Its path, query and
+    /// user part are left out, for a provider's token is often put there.
     pub fn describe(&self) -> String {
-        format!("webhook {}", self.config.url)
+        let origin = match reqwest::Url::parse(&self.config.url) {
+            Ok(url) => {
+                let rest = if url.path().len() > 1 || url.query().is_some() { "/…" } else { "" };
+                format!("{}{rest}", url.origin().ascii_serialization())
+            }
+            Err(_) => "(an unparsable URL)".to_string(),
+        };
+        format!("webhook {origin}")
     }
 }
 
@@ -130,5 +138,26 @@ impl Channel for Webhook {
             }
             _ => Err(ChannelError::Permanent(format!("{channel} webhook answered {status}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_log_shows_where_a_webhook_posts_but_not_a_token_in_its_url() {
+        let webhook = |url: &str| {
+            Webhook::new(WebhookConfig {
+                url: url.to_string(),
+                secret: "s".to_string().into(),
+                timeout: Duration::from_secs(1),
+            })
+            .map(|w| w.describe())
+        };
+        let described =
+            webhook("https://user:hunter2@sms.example.com:8443/send/hunter2?key=hunter2").unwrap();
+        assert_eq!(described, "webhook https://sms.example.com:8443/…");
+        assert_eq!(webhook("http://127.0.0.1:9000").unwrap(), "webhook http://127.0.0.1:9000");
     }
 }
