@@ -30,9 +30,23 @@ use crate::App;
 const HOUR_MS: i64 = 3_600_000;
 const DAY_MS: i64 = 86_400_000;
 
-/// Where a code goes, as the limits count it.
+/// Where a code goes, as the limits count it: one number or address however it is written
+/// (`+86 138-0013-8000` and `008613800138000` are one phone, `Li@QQ.com` and `li@qq.com` one
+/// mailbox).
 pub(crate) fn destination(kind: &str, address: &str) -> String {
-    format!("{kind} {address}")
+    let address = address.trim();
+    let normal = if kind == ChannelKind::Sms.as_str_name() {
+        let digits: String = address.chars().filter(|c| c.is_ascii_digit() || *c == '+').collect();
+        match digits.strip_prefix("00") {
+            Some(rest) => format!("+{rest}"),
+            None => digits,
+        }
+    } else if kind == ChannelKind::Email.as_str_name() {
+        address.to_lowercase()
+    } else {
+        address.to_string()
+    };
+    format!("{kind} {normal}")
 }
 
 /// Refuses (429, with when it may) when one more code now, to each of `destinations`, for
@@ -57,10 +71,14 @@ pub(crate) async fn allow_codes(
                 "to this destination".into(),
             ));
         }
-        for (times, what) in counted {
-            if times.len() >= most {
-                // The oldest code that still counts leaves the window then.
-                let frees_at = times[times.len() - most] + window;
+        for (n, (times, what)) in counted.into_iter().enumerate() {
+            // The subscriber's count grows by every destination at once; each destination's
+            // by one.
+            let adding = if n == 0 { destinations.len().max(1) } else { 1 };
+            if times.len() + adding > most {
+                // The oldest code that must leave the window first leaves it then.
+                let must_leave = times.len() + adding - most;
+                let frees_at = times.get(must_leave - 1).map_or(now + window, |t| t + window);
                 let retry = u64::try_from((frees_at - now + 999) / 1000).unwrap_or(1).max(1);
                 return Err(ApiError::too_many_codes(&what, retry));
             }
@@ -270,4 +288,18 @@ pub(crate) async fn list_contacts(
     let items: Vec<Value> =
         app.db.contacts(&subscriber).await?.iter().map(|c| contact_view(c, now)).collect();
     Ok(Json(json!({ "items": items })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_number_or_mailbox_is_one_destination_however_it_is_written() {
+        let sms = ChannelKind::Sms.as_str_name();
+        let email = ChannelKind::Email.as_str_name();
+        assert_eq!(destination(sms, "+86 138-0013-8000"), destination(sms, "008613800138000"));
+        assert_eq!(destination(email, " Li@QQ.com"), destination(email, "li@qq.com"));
+        assert_ne!(destination(sms, "+8613800138000"), destination(email, "+8613800138000"));
+    }
 }

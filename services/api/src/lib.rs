@@ -358,8 +358,8 @@ pub async fn start(config: Config, shutdown: CancellationToken) -> anyhow::Resul
         shutdown.clone(),
     ));
     let holder = topup_kafka::instance_id("topup-api");
-    // Its own producer, whose sends end within 10 s (delivered or failed), well inside the
-    // relay's 30 s lease: a send still in flight can never land after a successor's.
+    // Its own producer, whose sends are delivered or failed within 10 s of being queued
+    // (see `outbox::relay_round` for why that matters).
     let relay_producer: FutureProducer =
         config.kafka.producer().set("message.timeout.ms", "10000").create()?;
     tasks.spawn(outbox::relay(db, relay_producer, outbox, holder, shutdown.clone()));

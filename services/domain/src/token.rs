@@ -9,18 +9,36 @@
 //! first and dropping the old one once no record sealed under it is left. A sealed token
 //! reads `sealed:v1:<key id>:<base64url of nonce ‖ ciphertext>`. A token without that prefix
 //! is a clear token from before sealing: it is charged as it is.
+//!
+//! Sealing is deterministic: the nonce is an HMAC of the subscriber and the token under the
+//! key, so the same card saved again by the same subscriber seals to the same text and
+//! keeps its payment method id (`crate::payment_method_id`, derived from the token as the
+//! rule holds it), and with it its idempotency keys and expiry reminders. Equal sealed texts
+//! tell only that the same subscriber saved the same token twice; a nonce repeats only for
+//! the very same plaintext.
 use base64::Engine as _;
-use chacha20poly1305::aead::{Aead, AeadCore, KeyInit, OsRng, Payload};
+use chacha20poly1305::aead::{Aead, KeyInit, OsRng, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
 
 /// What every sealed token starts with.
 pub const SEALED_TOKEN_PREFIX: &str = "sealed:v1:";
 
 const AAD_CONTEXT: &[u8] = b"topup payment token v1\0";
 
-/// Whether `token` is sealed (as opposed to a clear token from before sealing).
+/// Whether `token` is a sealed token in form (as opposed to a clear token from before
+/// sealing): the prefix, a key id and an envelope long enough for a nonce and a tag. Whether
+/// it opens only the payment worker's keys can tell.
 pub fn is_sealed(token: &str) -> bool {
-    token.starts_with(SEALED_TOKEN_PREFIX)
+    let Some((id, text)) = token.strip_prefix(SEALED_TOKEN_PREFIX).and_then(|r| r.split_once(':'))
+    else {
+        return false;
+    };
+    !id.is_empty()
+        && base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(text)
+            .is_ok_and(|bytes| bytes.len() > 12 + 16)
 }
 
 /// Why keys or a sealed token could not be used.
@@ -94,6 +112,20 @@ impl TokenKeys {
         keys.join(",")
     }
 
+    /// The nonce of `token` for `subscriber` under `key`: the first 12 bytes of an HMAC of
+    /// both (see the module's notes on determinism).
+    fn nonce(key: &[u8; 32], subscriber: &str, token: &str) -> [u8; 12] {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("any key length");
+        mac.update(b"topup payment token nonce v1\0");
+        mac.update(subscriber.as_bytes());
+        mac.update(b"\0");
+        mac.update(token.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        let mut nonce = [0u8; 12];
+        nonce.copy_from_slice(&digest[..12]);
+        nonce
+    }
+
     fn aad(subscriber: &str) -> Vec<u8> {
         [AAD_CONTEXT, subscriber.as_bytes()].concat()
     }
@@ -106,11 +138,12 @@ impl TokenKeys {
         }
         let (id, key) = &self.0[0];
         let cipher = ChaCha20Poly1305::new(key.into());
-        let nonce = ChaCha20Poly1305::generate_nonce(&mut OsRng);
+        let nonce = Self::nonce(key, subscriber, token);
+        let nonce = Nonce::from_slice(&nonce);
         let aad = Self::aad(subscriber);
         let payload = Payload { msg: token.as_bytes(), aad: &aad };
         // Encryption in memory with a valid key and nonce does not fail.
-        let sealed = cipher.encrypt(&nonce, payload).unwrap_or_default();
+        let sealed = cipher.encrypt(nonce, payload).unwrap_or_default();
         let mut bytes = nonce.to_vec();
         bytes.extend_from_slice(&sealed);
         let text = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
@@ -157,6 +190,13 @@ mod tests {
         assert_eq!(old.open("sub-1", &sealed).unwrap(), "tok_approve_4242");
         assert_eq!(old.open("sub-2", &sealed), Err(TokenError::CannotOpen));
         assert_eq!(old.seal("sub-1", &sealed), sealed, "sealed once");
+        // The same card saved again seals the same (so its method id stays); for another
+        // subscriber, or another token, it does not.
+        assert_eq!(old.seal("sub-1", "tok_approve_4242"), sealed);
+        assert_ne!(old.seal("sub-2", "tok_approve_4242"), sealed);
+        assert_ne!(old.seal("sub-1", "tok_approve_4243"), sealed);
+        assert!(!is_sealed("sealed:v1:k1:short"), "an envelope too short to hold a token");
+        assert!(!is_sealed("sealed:v1:4111111111111111"));
 
         // Rotation: the new key seals, the old one still opens what it sealed.
         let rotated: TokenKeys =

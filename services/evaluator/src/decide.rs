@@ -224,22 +224,28 @@ impl Default for Settings {
     }
 }
 
-/// How much later than the last balance one with a lower sequence must have been observed
-/// to be taken as the carrier's counter started again (a reset, or a jump far ahead before
-/// it), rather than as a stale record. Reordered and resent records arrive within minutes.
+/// How far apart two balances' observation times must be for those times, not their
+/// sequences, to say which is newer. Reordered and resent records arrive within minutes, and
+/// within that the carrier's sequence decides.
 pub const SEQUENCE_RESTART_SECS: i64 = 3_600;
 
-/// Whether `observation`, whose sequence is not above `last`'s, is nevertheless new: observed
-/// [`SEQUENCE_RESTART_SECS`] or more after it. Without this, one absurd sequence (a counter
-/// jumping to near `u64::MAX`) would make every later balance of the subscriber look stale,
-/// and silence its top-ups for ever.
-fn sequence_restarted(last: &LastBalance, observation: &BalanceObservation) -> bool {
-    match (&last.observed_at, &observation.observed_at) {
-        (Some(last), Some(now)) => {
-            now.seconds.saturating_sub(last.seconds) >= SEQUENCE_RESTART_SECS
+/// Whether `observation` is newer than `last`: by sequence, unless their observation times
+/// are [`SEQUENCE_RESTART_SECS`] or more apart. Then the later one is newer whatever its
+/// sequence — the carrier's counter started again (a reset, or after a jump far ahead: one
+/// absurd sequence near `u64::MAX` would otherwise make every later balance look stale and
+/// silence the subscriber's top-ups for ever), and a record from before the restart, higher
+/// sequence and all, is stale.
+fn newer_than(observation: &BalanceObservation, last: &LastBalance) -> bool {
+    if let (Some(then), Some(now)) = (&last.observed_at, &observation.observed_at) {
+        let apart = now.seconds.saturating_sub(then.seconds);
+        if apart >= SEQUENCE_RESTART_SECS {
+            return true;
         }
-        _ => false,
+        if apart <= -SEQUENCE_RESTART_SECS {
+            return false;
+        }
     }
+    observation.sequence > last.sequence
 }
 
 /// The UTC day and month index of `now`.
@@ -262,8 +268,7 @@ pub fn decide(
     match event {
         Event::Balance(observation) => {
             if let Some(last) = &state.balance {
-                if observation.sequence <= last.sequence && !sequence_restarted(last, &observation)
-                {
+                if !newer_than(&observation, last) {
                     // Stale or duplicate: carriers resend and reorder; nothing changes.
                     return Ok((state, effects));
                 }
@@ -426,8 +431,12 @@ fn fire_if_due(state: &mut SubscriberState, now: Timestamp, effects: &mut Vec<Ef
     // Windows only move forward: a record stamped earlier than the last one counted (a
     // producer's clock behind another's around midnight) counts in the window already open
     // and never opens the one before again.
+    // A window saved more than one ahead of now (a state written before record times were
+    // capped at the evaluator's clock) is not kept: it would never close.
     let (day, month) = windows(&now);
-    let (day, month) = (day.max(state.caps.day), month.max(state.caps.month));
+    let keep =
+        |window: i64, saved: i64| if saved > window + 1 { window } else { window.max(saved) };
+    let (day, month) = (keep(day, state.caps.day), keep(month, state.caps.month));
     if state.caps.day != day {
         state.caps.day = day;
         state.caps.topups_today = 0;

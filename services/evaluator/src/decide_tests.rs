@@ -756,6 +756,16 @@ fn a_record_stamped_before_midnight_after_one_stamped_after_it_does_not_reopen_t
     assert!(commands(&effects).is_empty(), "the day's cap holds: {effects:?}");
     assert_eq!(state.caps.topups_today, 1);
     assert_eq!(state.caps.day, (NOW.seconds + midnight).div_euclid(86_400));
+    // A window saved far ahead (by a state written before record times were capped) does
+    // not stay shut for ever: the next day's crossing is topped up, in that day's window.
+    let mut stuck = state.clone();
+    stuck.caps.day += 10_000;
+    let (stuck, effects) = run_at(
+        stuck,
+        vec![(midnight + 86_400, balance(5900, 4)), (midnight + 86_400, balance(900, 5))],
+    );
+    assert_eq!(commands(&effects).len(), 1, "{effects:?}");
+    assert_eq!(stuck.caps.day, state.caps.day + 1);
     // The next real day opens the next window.
     let (_, effects) = run_at(
         state,
@@ -787,5 +797,9 @@ fn an_absurd_sequence_does_not_silence_the_subscriber_for_ever() {
     // And from there on, its own order holds again.
     let (state, effects) = run_at(state, vec![(later + 5, balance_observed(400, 2, later - 20))]);
     assert!(effects.is_empty());
+    assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(3));
+    // A record from before the restart, arriving late with its higher sequence, is stale.
+    let (state, effects) = run_at(state, vec![(later + 10, balance_observed(100, 9, 5))]);
+    assert!(effects.is_empty(), "{effects:?}");
     assert_eq!(state.balance.as_ref().map(|b| b.sequence), Some(3));
 }

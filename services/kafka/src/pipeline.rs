@@ -64,8 +64,9 @@ type BaseProducer = rdkafka::producer::BaseProducer<Deliveries>;
 struct Deliveries {
     changelog: Option<&'static str>,
     last: Mutex<HashMap<i32, i64>>,
-    /// Why the dead-letter topic refused a letter of this transaction, if it did.
-    letter_refused: Mutex<Option<String>>,
+    /// The letters of this transaction the dead-letter topic refused: whose record each was
+    /// for (`None` when that could not be read from it), and why.
+    letter_refused: Mutex<Vec<(Option<RecordAt>, String)>>,
 }
 
 impl Deliveries {
@@ -74,13 +75,18 @@ impl Deliveries {
         std::mem::take(&mut *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
-    fn refuse_letter(&self, why: String) {
-        *self.letter_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+    fn refuse_letter(&self, record: Option<RecordAt>, why: String) {
+        self.letter_refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push((record, why));
     }
 
-    /// Why the dead-letter topic refused a letter since the last call, if it did.
-    fn take_letter_refusal(&self) -> Option<String> {
-        self.letter_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    /// The letters refused since the last call.
+    fn take_letter_refusals(&self) -> Vec<(Option<RecordAt>, String)> {
+        std::mem::take(
+            &mut *self.letter_refused.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 }
 
@@ -94,7 +100,6 @@ fn refuses_letter(error: &KafkaError) -> bool {
         Some(
             Code::MessageSizeTooLarge
                 | Code::InvalidMessageSize
-                | Code::InvalidMessage
                 | Code::InvalidRecord
                 | Code::MessageBatchTooLarge
                 | Code::PolicyViolation
@@ -134,12 +139,17 @@ impl LetterForms {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// After a failed transaction in which `lettered` got letters: when the dead-letter topic
-    /// refused one, their letters step down.
+    /// After a failed transaction in which `lettered` got letters: the records whose letter
+    /// the dead-letter topic refused step down (all of `lettered`, should a refused letter
+    /// not say whose it was).
     fn after_failure(&self, deliveries: &Deliveries, lettered: &[RecordAt], service: &str) {
-        let Some(why) = deliveries.take_letter_refusal() else { return };
+        let refused = deliveries.take_letter_refusals();
+        let Some((_, why)) = refused.first() else { return };
+        let why = why.clone();
+        let named: Vec<RecordAt> = refused.iter().filter_map(|(at, _)| at.clone()).collect();
+        let stepping = if named.len() == refused.len() { &named[..] } else { lettered };
         let mut forms = self.forms();
-        for at in lettered {
+        for at in stepping {
             let form = forms.entry(at.clone()).or_default();
             *form = if *form == Form::Whole { Form::Bare } else { Form::None };
             let next = if *form == Form::Bare { "a bare letter" } else { "no letter" };
@@ -221,7 +231,14 @@ impl ProducerContext for Deliveries {
             Ok(message) => message,
             Err((error, message)) => {
                 if message.topic() == topup_proto::topics::DLQ && refuses_letter(error) {
-                    self.refuse_letter(error.to_string());
+                    // Whose letter it was, from the letter itself.
+                    let whose = message
+                        .payload()
+                        .and_then(|p| {
+                            <topup_proto::v1::DeadLetter as prost::Message>::decode(p).ok()
+                        })
+                        .map(|l| (l.source_topic, l.source_partition, l.source_offset));
+                    self.refuse_letter(whose, error.to_string());
                 }
                 return;
             }
@@ -669,7 +686,7 @@ async fn process_batch<P: Processor>(
         )));
     }
     txn.producer.context().take();
-    txn.producer.context().take_letter_refusal();
+    txn.producer.context().take_letter_refusals();
     txn.producer.begin_transaction()?;
     let mut offsets: BTreeMap<(&str, i32), i64> = BTreeMap::new();
     // Counted per batch, once it is committed.
@@ -709,9 +726,13 @@ async fn process_batch<P: Processor>(
             if let Err(error) = sent {
                 if let Error::Kafka(kafka) = &error {
                     if output.topic == topup_proto::topics::DLQ && refuses_letter(kafka) {
-                        txn.producer.context().refuse_letter(kafka.to_string());
+                        let whose = Some(record_at(input));
+                        txn.producer.context().refuse_letter(whose, kafka.to_string());
                     }
                 }
+                // A letter refused earlier in the batch makes the transaction fail here, at a
+                // later record: its delivery report says whose it was.
+                let _ = txn.call("delivery reports", wait_for_deliveries).await;
                 letters.after_failure(txn.producer.context(), &lettered, spec.service);
                 txn.abort().await;
                 return Err(error);

@@ -193,7 +193,11 @@ impl Progress {
     /// What a parked charge's `result_so_far` says (written by [`Charge::parked`]).
     fn of(result: &TopUpResult) -> Self {
         Self {
-            method: result.payment_method.clone(),
+            // A record parked before results stopped naming tokens may hold one.
+            method: result
+                .payment_method
+                .clone()
+                .map(|method| PaymentMethod { token: String::new(), ..method }),
             key: result.idempotency_key.clone(),
             attempts: result.attempts,
             failure: (
