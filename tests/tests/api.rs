@@ -188,6 +188,29 @@ impl World {
         Ok(code)
     }
 
+    /// The rule as `GET .../rule` shows it, polled until `done` holds (at most [`WAIT`]).
+    async fn rule_until(
+        &self,
+        subscriber: &str,
+        bearer: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> anyhow::Result<Value> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut every = tokio::time::interval(Duration::from_millis(250));
+        let path = format!("/v1/subscribers/{subscriber}/rule");
+        loop {
+            every.tick().await;
+            let (status, body) = self.call(Method::GET, &path, Some(bearer), None).await?;
+            // The bearer's rate limit may answer a look: look again.
+            let limited = status == StatusCode::TOO_MANY_REQUESTS;
+            anyhow::ensure!(status == StatusCode::OK || limited, "rule: {status} {body}");
+            if !limited && done(&body) {
+                return Ok(body);
+            }
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "never got there: {body}");
+        }
+    }
+
     /// The history, polled until `done` holds (at most [`WAIT`]).
     async fn history_until(
         &self,
@@ -252,16 +275,7 @@ async fn a_rule_change_committed_before_the_api_is_killed_reaches_kafka_after_th
     assert_eq!(body["publication"], "publishing", "Kafka could not have it yet: {body}");
 
     // The restarted API publishes it, after the activation.
-    let rule_path = format!("/v1/subscribers/{subscriber}/rule");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (_, body) = world.call(Method::GET, &rule_path, Some(&bearer), None).await?;
-        if body["publication"] == "published" {
-            break;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never published: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    world.rule_until(subscriber, &bearer, |rule| rule["publication"] == "published").await?;
     let states: Vec<i32> = world
         .platform
         .read_all::<RuleUpdated>(topics::RULES)
@@ -297,17 +311,9 @@ async fn a_rule_the_evaluator_refuses_shows_as_rejected_with_its_reason() -> any
     world.platform.wait_caught_up("topup-evaluator", &[topics::BALANCE]).await?;
     world.active_rule(subscriber, phone, &bearer).await?;
 
-    let rule_path = format!("/v1/subscribers/{subscriber}/rule");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    let body = loop {
-        let (status, body) = world.call(Method::GET, &rule_path, Some(&bearer), None).await?;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        if body["publication"].as_str().is_some_and(|p| p.starts_with("rejected: ")) {
-            break body;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "never rejected: {body}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let rejected =
+        |rule: &Value| rule["publication"].as_str().is_some_and(|p| p.starts_with("rejected: "));
+    let body = world.rule_until(subscriber, &bearer, rejected).await?;
     let reason = body["publication"].as_str().unwrap_or_default();
     assert!(reason.contains("USD") && reason.contains("CNY"), "{reason}");
     world.stop().await

@@ -211,7 +211,9 @@ async fn limit_dead_letters_to(platform: &Platform, bytes: usize) -> anyhow::Res
         outcome.map_err(|(_, code)| anyhow::anyhow!("altering the dead-letter topic: {code:?}"))?;
     }
     let deadline = std::time::Instant::now() + topup_tests::WAIT;
+    let mut every = tokio::time::interval(Duration::from_millis(100));
     loop {
+        every.tick().await;
         let described =
             admin.describe_configs(&[ResourceSpecifier::Topic(topics::DLQ)], &AdminOptions::new());
         let applied = described.await?.into_iter().flatten().any(|resource| {
@@ -221,7 +223,6 @@ async fn limit_dead_letters_to(platform: &Platform, bytes: usize) -> anyhow::Res
             return Ok(());
         }
         anyhow::ensure!(std::time::Instant::now() < deadline, "max.message.bytes not applied");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

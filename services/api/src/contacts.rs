@@ -17,13 +17,13 @@ use axum::Json;
 use prost::Message as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use topup_domain::{Notice, SubscriberId, ValidationError};
+use topup_domain::{SubscriberId, ValidationError};
 use topup_proto::topics;
-use topup_proto::v1::{ChannelKind, NotificationChannel, NotificationKind};
+use topup_proto::v1::{ChannelKind, NotificationChannel};
 
 use crate::auth::{authorize, Access};
 use crate::error::ApiError;
-use crate::routes::{json_body, now_ms, rfc3339, six_digits, subscriber_of, timestamp};
+use crate::routes::{code_notice, json_body, now_ms, rfc3339, six_digits, subscriber_of};
 use crate::store::{Contact, Db};
 use crate::App;
 
@@ -213,19 +213,11 @@ pub(crate) async fn add_contact(
         verified_at_ms: 0,
     };
     let about = format!("contact-code/{}", contact.code_hash);
-    let minutes = (app.settings.contact_code_ttl.as_secs() / 60).max(1);
     let channel = NotificationChannel { kind: kind as i32, address };
     let locale = body.locale.unwrap_or_else(|| "en".to_string());
-    let notification =
-        Notice::new(NotificationKind::ConfirmationCode, &subscriber, &about, timestamp(now))
-            .to(&locale, std::slice::from_ref(&channel))
-            .urgent(true)
-            .parameter(
-                topup_domain::SEALED_CODE_PARAMETER,
-                app.code_key.seal(subscriber.as_str(), &code),
-            )
-            .parameter("minutes", minutes.to_string())
-            .build();
+    let channels = (locale.as_str(), std::slice::from_ref(&channel));
+    let ttl = app.settings.contact_code_ttl;
+    let notification = code_notice(&app, &subscriber, &about, channels, &code, ttl, now);
     let mut tx = app.db.pool().begin().await?;
     Db::save_contact(&mut tx, subscriber.as_str(), &contact).await?;
     Db::code_sent(&mut tx, subscriber.as_str(), &to, now).await?;

@@ -188,6 +188,28 @@ fn validate(app: &App, raw: &AutoTopUpRule, today: i64) -> Result<Rule, ApiError
     Ok(rule)
 }
 
+/// The notification that carries `code` (sealed) to `channels` for `subscriber`: urgent,
+/// valid `ttl`; `about` names what it confirms (its id is derived from it).
+pub(crate) fn code_notice(
+    app: &App,
+    subscriber: &SubscriberId,
+    about: &str,
+    (locale, channels): (&str, &[topup_proto::v1::NotificationChannel]),
+    code: &str,
+    ttl: Duration,
+    now: i64,
+) -> topup_proto::v1::NotificationCommand {
+    Notice::new(NotificationKind::ConfirmationCode, subscriber, about, timestamp(now))
+        .to(locale, channels)
+        .urgent(true)
+        .parameter(
+            topup_domain::SEALED_CODE_PARAMETER,
+            app.code_key.seal(subscriber.as_str(), code),
+        )
+        .parameter("minutes", (ttl.as_secs() / 60).max(1).to_string())
+        .build()
+}
+
 pub(crate) fn six_digits() -> String {
     format!("{:06}", rand::random_range(0..1_000_000u32))
 }
@@ -256,17 +278,9 @@ pub(crate) async fn put_draft(
         updated_at_ms: now,
     };
     let about = format!("confirmation-code/{}", draft.code_hash);
-    let minutes = (app.settings.code_ttl.as_secs() / 60).max(1);
+    let to = (rule.locale.as_str(), draft.rule.channels.as_slice());
     let notification =
-        Notice::new(NotificationKind::ConfirmationCode, &subscriber, &about, timestamp(now))
-            .to(&rule.locale, &draft.rule.channels)
-            .urgent(true)
-            .parameter(
-                topup_domain::SEALED_CODE_PARAMETER,
-                app.code_key.seal(subscriber.as_str(), &code),
-            )
-            .parameter("minutes", minutes.to_string())
-            .build();
+        code_notice(&app, &subscriber, &about, to, &code, app.settings.code_ttl, now);
     let mut tx = app.db.pool().begin().await?;
     if !Db::save_draft(&mut tx, &draft).await? {
         return Err(ApiError::conflict("the draft was changed by another request; try again"));
