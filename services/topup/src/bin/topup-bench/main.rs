@@ -456,9 +456,24 @@ async fn latency(
     // first transactions are slow for the first seconds).
     let measured_from = std::time::SystemTime::now() + Duration::from_secs(cli.warmup_secs);
     let collect = |consumer: BaseConsumer, to_command: bool, done: CancellationToken| {
-        tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<f64>> {
             let mut samples = Vec::new();
-            while !done.is_cancelled() {
+            // After the stream the reader goes on to the end of every partition it holds: a
+            // reader behind the pipeline would otherwise miss the last records (or all).
+            let mut drain_until: Option<Instant> = None;
+            loop {
+                if drain_until.is_none() && done.is_cancelled() {
+                    drain_until = Some(Instant::now() + Duration::from_secs(60));
+                }
+                if let Some(deadline) = drain_until {
+                    if read_to_end(&consumer)? {
+                        break;
+                    }
+                    anyhow::ensure!(
+                        Instant::now() < deadline,
+                        "the latency reader did not reach the end of its partitions in 60 s"
+                    );
+                }
                 let Some(Ok(message)) = consumer.poll(Duration::from_millis(10)) else { continue };
                 let payload = message.payload().unwrap_or_default();
                 let observed = if to_command {
@@ -472,7 +487,7 @@ async fn latency(
                     samples.push(ms);
                 }
             }
-            samples
+            Ok(samples)
         })
     };
     let done = CancellationToken::new();
@@ -506,9 +521,17 @@ async fn latency(
     producer.flush(Duration::from_secs(30))?;
     until_caught_up(pipeline_lags(&kafka)?).await?;
     done.cancel();
-    let mut to_command = commands.await?;
-    let mut to_result = results.await?;
+    let mut to_command = commands.await??;
+    let mut to_result = results.await??;
     stop.cancel();
+    // A phase that measured nothing has no figure to print.
+    anyhow::ensure!(
+        !to_command.is_empty() && !to_result.is_empty(),
+        "the latency phase measured nothing after its warm-up ({} commands, {} results read): \
+         no figure is printed",
+        to_command.len(),
+        to_result.len()
+    );
     to_command.sort_by(f64::total_cmp);
     to_result.sort_by(f64::total_cmp);
     let figures = Latency {
@@ -520,6 +543,28 @@ async fn latency(
         to_result: percentiles(&to_result),
     };
     Ok((figures, to_command, to_result))
+}
+
+/// Whether `consumer` has read everything committed on the partitions it holds. Their
+/// writers are transactional, so the last offset of a partition is a commit marker, which
+/// a position may or may not have stepped over: at the marker or past it is the end.
+fn read_to_end(consumer: &BaseConsumer) -> anyhow::Result<bool> {
+    let position = consumer.position()?;
+    for element in position.elements() {
+        let (_, high) = consumer.fetch_watermarks(
+            element.topic(),
+            element.partition(),
+            Duration::from_secs(10),
+        )?;
+        let at = match element.offset() {
+            Offset::Offset(offset) => offset,
+            _ => 0,
+        };
+        if high > 0 && at + 1 < high {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn median(values: &mut [f64]) -> f64 {
