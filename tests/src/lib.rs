@@ -6,6 +6,7 @@ pub mod kafka;
 pub mod otlp_sink;
 pub mod postgres;
 pub mod smtp_sink;
+pub mod stripe_server;
 pub mod webhook_server;
 
 use std::time::Duration;

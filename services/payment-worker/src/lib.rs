@@ -20,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
 use topup_proto::topics;
 
-pub use gateway::{AnyGateway, HttpGateway, HttpGatewayConfig, PaymentGateway, Sandbox};
+pub use gateway::{
+    AnyGateway, HttpGateway, HttpGatewayConfig, PaymentGateway, Rails, Sandbox, StripeCards,
+    StripeConfig,
+};
 pub use rules::RuleView;
 pub use worker::{CommandAges, Limits, PaymentWorker, RetryPolicy};
 
@@ -31,6 +34,15 @@ pub enum GatewayKind {
     Sandbox,
     /// The HTTP gateway client (`--payment-gateway-url`, signed with the shared secret).
     Http,
+}
+
+/// Which gateway charges cards and debit cards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CardRail {
+    /// The `--payment-gateway`, like every other kind.
+    Gateway,
+    /// Stripe's PaymentIntents, off-session (`--stripe-*`).
+    Stripe,
 }
 
 /// `topup-payment-worker` settings; `--help` lists them with their environment variables.
@@ -70,6 +82,32 @@ pub struct Config {
     /// File holding the signing secret (a mounted Kubernetes Secret, say).
     #[arg(long = "payment-gateway-secret-file", env = "PAYMENT_GATEWAY_SECRET_FILE")]
     pub gateway_secret_file: Option<PathBuf>,
+
+    /// Which gateway charges cards and debit cards: `gateway` (the --payment-gateway) or
+    /// `stripe`.
+    #[arg(long, env = "CARD_RAIL", value_enum, default_value_t = CardRail::Gateway)]
+    pub card_rail: CardRail,
+
+    /// Stripe's API address (a test server's in tests; hidden in `--help` like every URL).
+    #[arg(
+        long,
+        env = "STRIPE_API_URL",
+        hide_env_values = true,
+        default_value = "https://api.stripe.com"
+    )]
+    pub stripe_api_url: String,
+
+    /// File holding the Stripe secret (or restricted) key, `sk_live_…` / `rk_live_…`.
+    #[arg(long, env = "STRIPE_SECRET_KEY_FILE")]
+    pub stripe_secret_key_file: Option<PathBuf>,
+
+    /// The Stripe secret key itself (prefer the file).
+    #[arg(long, env = "STRIPE_SECRET_KEY", hide_env_values = true, value_parser = topup_kafka::parse_secret)]
+    pub stripe_secret_key: Option<SecretString>,
+
+    /// The API version the requests are written for, sent as `Stripe-Version`.
+    #[arg(long, env = "STRIPE_API_VERSION", default_value = gateway::stripe::API_VERSION)]
+    pub stripe_api_version: String,
 
     /// Longest wait for one gateway answer, in milliseconds; a timeout is a transient
     /// failure, retried later with the same idempotency key.
@@ -182,9 +220,37 @@ impl Config {
         }
     }
 
-    /// The configured gateway; none chosen is refused (the worker fails closed), and an
-    /// HTTP gateway needs a URL and a secret.
-    pub fn gateway(&self) -> anyhow::Result<AnyGateway> {
+    /// The configured gateways: the default, and the card rail's when it has its own.
+    pub fn gateway(&self) -> anyhow::Result<Rails> {
+        let default = self.default_gateway()?;
+        let cards = match self.card_rail {
+            CardRail::Gateway => None,
+            CardRail::Stripe => Some(AnyGateway::Stripe(self.stripe()?)),
+        };
+        Ok(Rails { default, cards })
+    }
+
+    /// The Stripe card connector these settings describe.
+    fn stripe(&self) -> anyhow::Result<StripeCards> {
+        let secret_key = topup_kafka::secret_or_file(
+            self.stripe_secret_key.as_ref(),
+            self.stripe_secret_key_file.as_deref(),
+            "STRIPE_SECRET_KEY",
+        )
+        .map_err(anyhow::Error::msg)?
+        .context("CARD_RAIL=stripe needs the secret key: STRIPE_SECRET_KEY_FILE")?;
+        StripeCards::new(StripeConfig {
+            api_base: self.stripe_api_url.clone(),
+            secret_key,
+            api_version: self.stripe_api_version.clone(),
+            timeout: Duration::from_millis(self.gateway_timeout_ms.max(1)),
+        })
+        .context("building the Stripe client")
+    }
+
+    /// The default gateway; none chosen is refused (the worker fails closed), and an HTTP
+    /// gateway needs a URL and a secret.
+    fn default_gateway(&self) -> anyhow::Result<AnyGateway> {
         let Some(kind) = self.gateway else {
             anyhow::bail!(
                 "no payment gateway chosen: set PAYMENT_GATEWAY (--payment-gateway) to `http` \
@@ -315,6 +381,24 @@ mod tests {
     fn an_explicitly_chosen_sandbox_is_accepted() {
         let config =
             Config { gateway: Some(GatewayKind::Sandbox), ..Config::new(KafkaArgs::new("k:9092")) };
-        assert!(matches!(config.gateway(), Ok(AnyGateway::Sandbox(_))));
+        assert!(matches!(
+            config.gateway(),
+            Ok(Rails { default: AnyGateway::Sandbox(_), cards: None })
+        ));
+    }
+
+    #[test]
+    fn the_stripe_card_rail_needs_its_key() {
+        let config = Config {
+            gateway: Some(GatewayKind::Sandbox),
+            card_rail: CardRail::Stripe,
+            ..Config::new(KafkaArgs::new("k:9092"))
+        };
+        assert!(refusal(&config).contains("STRIPE_SECRET_KEY_FILE"), "{}", refusal(&config));
+        let config = Config { stripe_secret_key: Some("sk_test_1".to_string().into()), ..config };
+        assert!(matches!(
+            config.gateway(),
+            Ok(Rails { default: AnyGateway::Sandbox(_), cards: Some(AnyGateway::Stripe(_)) })
+        ));
     }
 }

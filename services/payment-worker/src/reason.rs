@@ -16,6 +16,7 @@ pub fn reason_code(reason: FailureReason) -> &'static str {
         FailureReason::MethodRemoved => "method_removed",
         FailureReason::CommandExpired => "command_expired",
         FailureReason::OutcomeUnknown => "outcome_unknown",
+        FailureReason::AuthenticationRequired => "authentication_required",
         FailureReason::Unspecified => "unknown",
     }
 }

@@ -493,9 +493,10 @@ impl<G: PaymentGateway> PaymentWorker<G> {
     }
 
     /// Asks the gateway what became of `key`, sent before without a definite answer.
-    async fn resolve(&self, charge: &Charge, key: &str) -> Resolution {
+    async fn resolve(&self, charge: &Charge, key: &str, kind: i32) -> Resolution {
         topup_kafka::emit(GatewayAsked { request: "status" });
-        match self.gateway.status(key).await {
+        let kind = PaymentMethodKind::try_from(kind).unwrap_or(PaymentMethodKind::Unspecified);
+        match self.gateway.status(key, kind).await {
             ChargeStatus::Approved { reference } => Resolution::Charged(reference),
             ChargeStatus::Refused { reason, detail } => Resolution::Refused(reason, detail),
             ChargeStatus::NotFound if !self.past_retention(charge) => Resolution::NotCharged,
@@ -550,7 +551,7 @@ impl<G: PaymentGateway> PaymentWorker<G> {
             charge.progress.key.clone_from(&key);
             if charge.outcome_unknown {
                 // Money may have moved on this key: settle that before anything else.
-                match self.resolve(&charge, &key).await {
+                match self.resolve(&charge, &key, method.kind).await {
                     Resolution::Charged(reference) => {
                         charge.succeed(reference);
                         break;

@@ -268,7 +268,7 @@ impl PaymentGateway for HttpGateway {
         }
     }
 
-    async fn status(&self, idempotency_key: &str) -> ChargeStatus {
+    async fn status(&self, idempotency_key: &str, _kind: PaymentMethodKind) -> ChargeStatus {
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let signed = signature(
             self.config.secret.expose_secret().as_bytes(),

@@ -1,5 +1,6 @@
 //! Payment gateways behind one trait. One file per implementation: adding a provider is a
-//! new file and a new [`AnyGateway`] variant.
+//! new file and a new [`AnyGateway`] variant. [`Rails`] routes each charge to the gateway
+//! of its payment method's rail (cards to Stripe, say, and the rest to the default).
 //!
 //! Every answer falls into one of three classes, and the worker acts on the class alone:
 //!
@@ -10,11 +11,13 @@
 //! | unknown  | [`ChargeOutcome::Unknown`]                 | money may have moved: ask the gateway by key ([`PaymentGateway::status`]) and send again with the same key, never another method; past the deadline the top-up needs reconciliation |
 pub mod http;
 mod sandbox;
+pub mod stripe;
 
 use std::future::Future;
 
 pub use http::{HttpGateway, HttpGatewayConfig};
 pub use sandbox::Sandbox;
+pub use stripe::{StripeCards, StripeConfig};
 use topup_domain::Money;
 use topup_proto::v1::{FailureReason, PaymentMethodKind};
 
@@ -71,8 +74,12 @@ pub trait PaymentGateway: Send + Sync + 'static {
     /// Charges, idempotently by `request.idempotency_key`.
     fn charge(&self, request: &ChargeRequest) -> impl Future<Output = ChargeOutcome> + Send;
 
-    /// What became of the charge sent with `idempotency_key`.
-    fn status(&self, idempotency_key: &str) -> impl Future<Output = ChargeStatus> + Send;
+    /// What became of the charge sent with `idempotency_key` (a method of `kind`).
+    fn status(
+        &self,
+        idempotency_key: &str,
+        kind: PaymentMethodKind,
+    ) -> impl Future<Output = ChargeStatus> + Send;
 }
 
 /// The gateway chosen by configuration.
@@ -82,6 +89,8 @@ pub enum AnyGateway {
     Sandbox(Sandbox),
     /// A real provider (or a bridge) over HTTP.
     Http(HttpGateway),
+    /// Cards through Stripe's PaymentIntents.
+    Stripe(StripeCards),
 }
 
 impl PaymentGateway for AnyGateway {
@@ -89,13 +98,49 @@ impl PaymentGateway for AnyGateway {
         match self {
             AnyGateway::Sandbox(gateway) => gateway.charge(request).await,
             AnyGateway::Http(gateway) => gateway.charge(request).await,
+            AnyGateway::Stripe(gateway) => gateway.charge(request).await,
         }
     }
 
-    async fn status(&self, idempotency_key: &str) -> ChargeStatus {
+    async fn status(&self, idempotency_key: &str, kind: PaymentMethodKind) -> ChargeStatus {
         match self {
-            AnyGateway::Sandbox(gateway) => gateway.status(idempotency_key).await,
-            AnyGateway::Http(gateway) => gateway.status(idempotency_key).await,
+            AnyGateway::Sandbox(gateway) => gateway.status(idempotency_key, kind).await,
+            AnyGateway::Http(gateway) => gateway.status(idempotency_key, kind).await,
+            AnyGateway::Stripe(gateway) => gateway.status(idempotency_key, kind).await,
         }
+    }
+}
+
+/// The gateway of each rail: cards (credit and debit) on their own gateway when one is
+/// configured, every other kind (and cards without one) on the default.
+#[derive(Debug, Clone)]
+pub struct Rails {
+    /// Charges every kind without a gateway of its own.
+    pub default: AnyGateway,
+    /// Charges cards and debit cards, when set.
+    pub cards: Option<AnyGateway>,
+}
+
+impl Rails {
+    /// Every kind on `gateway`.
+    pub fn single(gateway: AnyGateway) -> Self {
+        Self { default: gateway, cards: None }
+    }
+
+    fn of(&self, kind: PaymentMethodKind) -> &AnyGateway {
+        match (kind, &self.cards) {
+            (PaymentMethodKind::Card | PaymentMethodKind::DebitCard, Some(cards)) => cards,
+            _ => &self.default,
+        }
+    }
+}
+
+impl PaymentGateway for Rails {
+    async fn charge(&self, request: &ChargeRequest) -> ChargeOutcome {
+        self.of(request.kind).charge(request).await
+    }
+
+    async fn status(&self, idempotency_key: &str, kind: PaymentMethodKind) -> ChargeStatus {
+        self.of(kind).status(idempotency_key, kind).await
     }
 }

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use topup_proto::v1::FailureReason;
+use topup_proto::v1::{FailureReason, PaymentMethodKind};
 
 use super::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
 
@@ -115,7 +115,7 @@ impl PaymentGateway for Sandbox {
         outcome
     }
 
-    async fn status(&self, idempotency_key: &str) -> ChargeStatus {
+    async fn status(&self, idempotency_key: &str, _kind: PaymentMethodKind) -> ChargeStatus {
         let Ok(ledger) = self.ledger.lock() else {
             return ChargeStatus::Unknown { detail: "sandbox ledger unavailable".into() };
         };
@@ -179,12 +179,15 @@ mod tests {
             ChargeOutcome::Approved { .. }
         ));
         // A lost answer: charged once, the status lookup knows, a resend gets the charge.
-        assert_eq!(sandbox.status("k4").await, ChargeStatus::NotFound);
+        assert_eq!(sandbox.status("k4", PaymentMethodKind::Card).await, ChargeStatus::NotFound);
         assert!(matches!(
             sandbox.charge(&request("tok_lost1", "k4")).await,
             ChargeOutcome::Unknown { .. }
         ));
-        assert!(matches!(sandbox.status("k4").await, ChargeStatus::Approved { .. }));
+        assert!(matches!(
+            sandbox.status("k4", PaymentMethodKind::Card).await,
+            ChargeStatus::Approved { .. }
+        ));
         assert!(matches!(
             sandbox.charge(&request("tok_lost1", "k4")).await,
             ChargeOutcome::Approved { .. }
