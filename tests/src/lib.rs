@@ -1,6 +1,7 @@
 //! Test harness: the platform on a Kafka of its own (Apache Kafka by default, the mock
 //! cluster with `TOPUP_TEST_KAFKA=mock`; see [`kafka`]), publishing helpers, and readers that
 //! wait for records with a deadline (never a sleep).
+pub mod alipay_server;
 pub mod gateway_server;
 pub mod kafka;
 pub mod otlp_sink;

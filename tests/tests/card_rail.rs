@@ -1,7 +1,7 @@
 //! Cards through the Stripe connector, against stripe-mock (Stripe's own check of every
 //! request's shape) behind a stateful Stripe of the tests: every answer ends in exactly one
-//! result and at most one charge per top-up; a rule's card refused falls back to its next
-//! method on another rail.
+//! result and at most one charge per top-up; a rule's card refused falls back to its Alipay
+//! agreement on the Alipay rail.
 use std::collections::HashMap;
 
 use topup_proto::topics;
@@ -9,6 +9,7 @@ use topup_proto::v1::{
     FailureReason, NotificationCommand, PaymentMethod, PaymentMethodKind, RuleState, TopUpResult,
     TopUpStatus,
 };
+use topup_tests::alipay_server::AlipayServer;
 use topup_tests::stripe_server::{StripeServer, SECRET_KEY};
 use topup_tests::{command, Platform};
 
@@ -119,25 +120,31 @@ async fn every_stripe_answer_ends_in_one_result_and_at_most_one_charge() -> anyh
     platform.stop().await
 }
 
-/// The whole platform: a rule whose card Stripe declines tops up through its Alipay method
-/// on the other rail (the sandbox here), once.
+/// The whole platform: a rule whose card Stripe declines tops up through its Alipay
+/// agreement on the Alipay rail (checked by Alipay's SDK), once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_declined_card_falls_back_to_the_next_rail() -> anyhow::Result<()> {
-    let stripe = StripeServer::start().await?;
+    let (stripe, alipay) = tokio::try_join!(StripeServer::start(), AlipayServer::start())?;
     let mut platform = Platform::cluster()?;
     platform.start_evaluator();
-    let config = stripe_config(&platform, &stripe.url);
-    // The platform's sandbox on the other rails, to count its charges.
-    let rails = topup_payment_worker::Rails {
-        default: topup_payment_worker::AnyGateway::Sandbox(platform.gateway.clone()),
-        ..config.gateway()?
-    };
-    platform.start_payment_worker(config.clone(), rails);
+    let mut config = stripe_config(&platform, &stripe.url);
+    let keys = tempfile::tempdir()?;
+    config.alipay_rail = topup_payment_worker::AlipayRail::Alipay;
+    config.alipay_gateway_url = alipay.url.clone();
+    config.alipay_app_id = Some("2021000000000001".into());
+    for (file, key) in
+        [("merchant.key", &alipay.merchant_private_key), ("alipay.pub", &alipay.alipay_public_key)]
+    {
+        std::fs::write(keys.path().join(file), key)?;
+    }
+    config.alipay_private_key_file = Some(keys.path().join("merchant.key"));
+    config.alipay_public_key_file = Some(keys.path().join("alipay.pub"));
+    platform.start_payment_worker(config.clone(), config.gateway()?);
 
     let mut rule =
         topup_tests::rule("sub-rails", &card("pm_card_chargeDeclined"), RuleState::Active);
     rule.payment_methods.push(PaymentMethod {
-        token: "alipay_agreement_ok".into(),
+        token: "agr_rails_ok".into(),
         kind: PaymentMethodKind::Alipay as i32,
         label: "Alipay".into(),
         expires: String::new(),
@@ -155,18 +162,14 @@ async fn a_declined_card_falls_back_to_the_next_rail() -> anyhow::Result<()> {
         "{result:?}"
     );
     platform.wait_caught_up("topup-payment-worker", &[topics::COMMANDS]).await?;
-    // Stripe refused the card and charged nothing; the sandbox charged the agreement once.
+    // Stripe was asked once and charged nothing; Alipay took one payment on the agreement.
     assert_eq!(stripe.charges_by_subscriber(), HashMap::new());
-    assert_eq!(
-        stripe.requests(&topup_tests::charge_key(
-            &result.command_id,
-            &card("pm_card_chargeDeclined")
-        )),
-        1
-    );
-    let charged: u32 = platform.gateway.charges_by_command().values().sum();
-    assert_eq!(charged, 1, "one charge of the agreement");
-    assert_eq!(platform.gateway.charges_by_command().get(&result.command_id), Some(&1));
+    let declined = topup_tests::charge_key(&result.command_id, &card("pm_card_chargeDeclined"));
+    assert_eq!(stripe.requests(&declined), 1);
     assert_eq!(stripe.shape_errors(), Vec::<String>::new());
+    let ledger = alipay.ledger().await?;
+    assert_eq!(ledger.by_agreement.get("agr_rails_ok"), Some(&1), "{ledger:?}");
+    assert_eq!(ledger.by_agreement.len(), 1, "{ledger:?}");
+    assert_eq!(ledger.bad_signatures, 0);
     platform.stop().await
 }

@@ -21,8 +21,8 @@ use topup_kafka::{run_pipeline, KafkaArgs, PipelineSpec};
 use topup_proto::topics;
 
 pub use gateway::{
-    AnyGateway, HttpGateway, HttpGatewayConfig, PaymentGateway, Rails, Sandbox, StripeCards,
-    StripeConfig,
+    AlipayAgreements, AlipayConfig, AnyGateway, HttpGateway, HttpGatewayConfig, PaymentGateway,
+    Rails, Sandbox, StripeCards, StripeConfig,
 };
 pub use rules::RuleView;
 pub use worker::{CommandAges, Limits, PaymentWorker, RetryPolicy};
@@ -34,6 +34,15 @@ pub enum GatewayKind {
     Sandbox,
     /// The HTTP gateway client (`--payment-gateway-url`, signed with the shared secret).
     Http,
+}
+
+/// Which gateway charges Alipay methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AlipayRail {
+    /// The `--payment-gateway`, like every other kind.
+    Gateway,
+    /// Alipay's open platform, agreement deduction (`--alipay-*`).
+    Alipay,
 }
 
 /// Which gateway charges cards and debit cards.
@@ -108,6 +117,37 @@ pub struct Config {
     /// The API version the requests are written for, sent as `Stripe-Version`.
     #[arg(long, env = "STRIPE_API_VERSION", default_value = gateway::stripe::API_VERSION)]
     pub stripe_api_version: String,
+
+    /// Which gateway charges Alipay methods: `gateway` (the --payment-gateway) or `alipay`.
+    #[arg(long, env = "ALIPAY_RAIL", value_enum, default_value_t = AlipayRail::Gateway)]
+    pub alipay_rail: AlipayRail,
+
+    /// Alipay's open platform gateway (a test server's in tests).
+    #[arg(
+        long,
+        env = "ALIPAY_GATEWAY_URL",
+        hide_env_values = true,
+        default_value = "https://openapi.alipay.com/gateway.do"
+    )]
+    pub alipay_gateway_url: String,
+
+    /// The merchant application's id on Alipay's open platform.
+    #[arg(long, env = "ALIPAY_APP_ID")]
+    pub alipay_app_id: Option<String>,
+
+    /// File holding the application's RSA private key (PEM PKCS#1 or PKCS#8, or the bare
+    /// base64 of Alipay's key tool).
+    #[arg(long, env = "ALIPAY_PRIVATE_KEY_FILE")]
+    pub alipay_private_key_file: Option<PathBuf>,
+
+    /// File holding Alipay's public key (from the open platform's console), which signs its
+    /// answers.
+    #[arg(long, env = "ALIPAY_PUBLIC_KEY_FILE")]
+    pub alipay_public_key_file: Option<PathBuf>,
+
+    /// The order title on the subscriber's Alipay bill.
+    #[arg(long, env = "ALIPAY_SUBJECT", default_value = "Mobile auto top-up")]
+    pub alipay_subject: String,
 
     /// Longest wait for one gateway answer, in milliseconds; a timeout is a transient
     /// failure, retried later with the same idempotency key.
@@ -227,7 +267,42 @@ impl Config {
             CardRail::Gateway => None,
             CardRail::Stripe => Some(AnyGateway::Stripe(self.stripe()?)),
         };
-        Ok(Rails { default, cards })
+        let alipay = match self.alipay_rail {
+            AlipayRail::Gateway => None,
+            AlipayRail::Alipay => Some(AnyGateway::Alipay(self.alipay()?)),
+        };
+        Ok(Rails { default, cards, alipay })
+    }
+
+    /// The Alipay connector these settings describe.
+    fn alipay(&self) -> anyhow::Result<AlipayAgreements> {
+        let app_id =
+            self.alipay_app_id.clone().context("ALIPAY_RAIL=alipay needs ALIPAY_APP_ID")?;
+        let read = |path: &Option<PathBuf>, variable: &str| -> anyhow::Result<String> {
+            let path =
+                path.as_deref().with_context(|| format!("ALIPAY_RAIL=alipay needs {variable}"))?;
+            let text = topup_kafka::read_secret_file(path, variable).map_err(anyhow::Error::msg)?;
+            Ok(secrecy::ExposeSecret::expose_secret(&text).to_string())
+        };
+        let private_key = gateway::alipay::private_key(&read(
+            &self.alipay_private_key_file,
+            "ALIPAY_PRIVATE_KEY_FILE",
+        )?)
+        .map_err(|e| anyhow::anyhow!("ALIPAY_PRIVATE_KEY_FILE: {e}"))?;
+        let alipay_public_key = gateway::alipay::public_key(&read(
+            &self.alipay_public_key_file,
+            "ALIPAY_PUBLIC_KEY_FILE",
+        )?)
+        .map_err(|e| anyhow::anyhow!("ALIPAY_PUBLIC_KEY_FILE: {e}"))?;
+        AlipayAgreements::new(AlipayConfig {
+            gateway_url: self.alipay_gateway_url.clone(),
+            app_id,
+            private_key,
+            alipay_public_key,
+            subject: self.alipay_subject.clone(),
+            timeout: Duration::from_millis(self.gateway_timeout_ms.max(1)),
+        })
+        .context("building the Alipay client")
     }
 
     /// The Stripe card connector these settings describe.
@@ -383,7 +458,7 @@ mod tests {
             Config { gateway: Some(GatewayKind::Sandbox), ..Config::new(KafkaArgs::new("k:9092")) };
         assert!(matches!(
             config.gateway(),
-            Ok(Rails { default: AnyGateway::Sandbox(_), cards: None })
+            Ok(Rails { default: AnyGateway::Sandbox(_), cards: None, alipay: None })
         ));
     }
 
@@ -398,7 +473,11 @@ mod tests {
         let config = Config { stripe_secret_key: Some("sk_test_1".to_string().into()), ..config };
         assert!(matches!(
             config.gateway(),
-            Ok(Rails { default: AnyGateway::Sandbox(_), cards: Some(AnyGateway::Stripe(_)) })
+            Ok(Rails {
+                default: AnyGateway::Sandbox(_),
+                cards: Some(AnyGateway::Stripe(_)),
+                alipay: None
+            })
         ));
     }
 }

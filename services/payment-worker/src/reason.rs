@@ -17,6 +17,7 @@ pub fn reason_code(reason: FailureReason) -> &'static str {
         FailureReason::CommandExpired => "command_expired",
         FailureReason::OutcomeUnknown => "outcome_unknown",
         FailureReason::AuthenticationRequired => "authentication_required",
+        FailureReason::AgreementEnded => "agreement_ended",
         FailureReason::Unspecified => "unknown",
     }
 }

@@ -9,12 +9,14 @@
 //! | approved | [`ChargeOutcome::Approved`]                | the top-up succeeded |
 //! | refused  | [`ChargeOutcome::Refused`], [`ChargeOutcome::Unavailable`] | definite, nothing moved: the next method (after retries, for `Unavailable`) |
 //! | unknown  | [`ChargeOutcome::Unknown`]                 | money may have moved: ask the gateway by key ([`PaymentGateway::status`]) and send again with the same key, never another method; past the deadline the top-up needs reconciliation |
+pub mod alipay;
 pub mod http;
 mod sandbox;
 pub mod stripe;
 
 use std::future::Future;
 
+pub use alipay::{AlipayAgreements, AlipayConfig};
 pub use http::{HttpGateway, HttpGatewayConfig};
 pub use sandbox::Sandbox;
 pub use stripe::{StripeCards, StripeConfig};
@@ -91,6 +93,8 @@ pub enum AnyGateway {
     Http(HttpGateway),
     /// Cards through Stripe's PaymentIntents.
     Stripe(StripeCards),
+    /// Alipay agreement deduction.
+    Alipay(AlipayAgreements),
 }
 
 impl PaymentGateway for AnyGateway {
@@ -99,6 +103,7 @@ impl PaymentGateway for AnyGateway {
             AnyGateway::Sandbox(gateway) => gateway.charge(request).await,
             AnyGateway::Http(gateway) => gateway.charge(request).await,
             AnyGateway::Stripe(gateway) => gateway.charge(request).await,
+            AnyGateway::Alipay(gateway) => gateway.charge(request).await,
         }
     }
 
@@ -107,31 +112,36 @@ impl PaymentGateway for AnyGateway {
             AnyGateway::Sandbox(gateway) => gateway.status(idempotency_key, kind).await,
             AnyGateway::Http(gateway) => gateway.status(idempotency_key, kind).await,
             AnyGateway::Stripe(gateway) => gateway.status(idempotency_key, kind).await,
+            AnyGateway::Alipay(gateway) => gateway.status(idempotency_key, kind).await,
         }
     }
 }
 
-/// The gateway of each rail: cards (credit and debit) on their own gateway when one is
-/// configured, every other kind (and cards without one) on the default.
+/// The gateway of each rail: cards (credit and debit) and Alipay on their own gateways when
+/// configured, every other kind (and those without one) on the default.
 #[derive(Debug, Clone)]
 pub struct Rails {
     /// Charges every kind without a gateway of its own.
     pub default: AnyGateway,
     /// Charges cards and debit cards, when set.
     pub cards: Option<AnyGateway>,
+    /// Charges Alipay agreements, when set.
+    pub alipay: Option<AnyGateway>,
 }
 
 impl Rails {
     /// Every kind on `gateway`.
     pub fn single(gateway: AnyGateway) -> Self {
-        Self { default: gateway, cards: None }
+        Self { default: gateway, cards: None, alipay: None }
     }
 
     fn of(&self, kind: PaymentMethodKind) -> &AnyGateway {
-        match (kind, &self.cards) {
-            (PaymentMethodKind::Card | PaymentMethodKind::DebitCard, Some(cards)) => cards,
-            _ => &self.default,
-        }
+        let own = match kind {
+            PaymentMethodKind::Card | PaymentMethodKind::DebitCard => self.cards.as_ref(),
+            PaymentMethodKind::Alipay => self.alipay.as_ref(),
+            _ => None,
+        };
+        own.unwrap_or(&self.default)
     }
 }
 
