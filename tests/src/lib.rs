@@ -21,8 +21,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use topup_kafka::{read_partition_to_end, KafkaArgs};
 use topup_proto::v1::{
-    auto_top_up_rule::TopUp, AutoTopUpRule, BalanceUpdated, ChannelKind, Money,
+    auto_top_up_rule::TopUp, AutoTopUpRule, BalanceUpdated, ChannelKind, FailureReason, Money,
     NotificationChannel, PaymentMethod, PaymentMethodKind, RuleState, RuleUpdated, TopUpCommand,
+    TopUpResult, TopUpStatus,
 };
 use topup_proto::Message as _;
 
@@ -375,6 +376,38 @@ impl Platform {
             bail!("{skipped} records of {topic} are not a {}", std::any::type_name::<T>());
         }
         Ok(all)
+    }
+
+    /// Every committed result, by command id.
+    pub async fn results_by_command(
+        &self,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, Vec<TopUpResult>>> {
+        let mut by_command = std::collections::BTreeMap::<String, Vec<TopUpResult>>::new();
+        for result in self.read_all::<TopUpResult>(topup_proto::topics::RESULTS).await? {
+            by_command.entry(result.command_id.clone()).or_default().push(result);
+        }
+        Ok(by_command)
+    }
+
+    /// Waits for the result of each `(command id, status, reason)` and checks both; the
+    /// results, in that order.
+    pub async fn expect_results(
+        &self,
+        expected: &[(&str, TopUpStatus, FailureReason)],
+    ) -> anyhow::Result<Vec<TopUpResult>> {
+        let mut results = self.reader::<TopUpResult>(topup_proto::topics::RESULTS)?;
+        let mut found = Vec::new();
+        for (id, status, reason) in expected {
+            let what = format!("the result of {id}");
+            let result = results.wait_for(&what, |r| r.command_id == *id).await?.clone();
+            let got = FailureReason::try_from(result.failure_reason).unwrap_or_default();
+            anyhow::ensure!(
+                result.status == *status as i32 && got == *reason,
+                "{id}: expected {status:?} / {reason:?}, got {result:?}"
+            );
+            found.push(result);
+        }
+        Ok(found)
     }
 }
 

@@ -8,14 +8,10 @@ use topup_payment_worker::gateway::alipay::out_trade_no;
 use topup_payment_worker::gateway::{ChargeOutcome, ChargeRequest, PaymentGateway};
 use topup_proto::topics;
 use topup_proto::v1::{
-    FailureReason, NotificationCommand, PaymentMethodKind, TopUpCommand, TopUpResult, TopUpStatus,
+    FailureReason, NotificationCommand, PaymentMethodKind, TopUpCommand, TopUpStatus,
 };
 use topup_tests::alipay_server::AlipayServer;
 use topup_tests::{command, Platform};
-
-fn reason(result: &TopUpResult) -> FailureReason {
-    FailureReason::try_from(result.failure_reason).unwrap_or(FailureReason::Unspecified)
-}
 
 /// A command whose methods are Alipay agreements.
 fn alipay_command(subscriber: &str, id: &str, agreements: &[&str]) -> TopUpCommand {
@@ -86,25 +82,17 @@ async fn every_alipay_answer_ends_in_one_result_and_at_most_one_payment() -> any
         let command = alipay_command(&format!("sub-{index}"), id, agreements);
         platform.publish_command(&command, None).await?;
     }
-    let mut results = platform.reader::<TopUpResult>(topics::RESULTS)?;
-    for (id, _, status, why) in cases {
-        let result =
-            results.wait_for(&format!("the result of {id}"), |r| r.command_id == *id).await?;
-        assert_eq!(result.status, *status as i32, "{id}: {result:?}");
-        assert_eq!(reason(result), *why, "{id}: {result:?}");
-        if *status == TopUpStatus::Succeeded {
-            assert!(result.gateway_reference.starts_with("2026"), "{id}: {result:?}");
+    let expected: Vec<_> = cases.iter().map(|(id, _, status, why)| (*id, *status, *why)).collect();
+    for result in platform.expect_results(&expected).await? {
+        if result.status == TopUpStatus::Succeeded as i32 {
+            assert!(result.gateway_reference.starts_with("2026"), "{result:?}");
         }
     }
     platform.wait_caught_up("topup-payment-worker", &[topics::COMMANDS]).await?;
     platform.wait_caught_up("topup-payment-worker-retries", &[topics::PAYMENT_RETRIES]).await?;
-
-    let mut per_command: HashMap<String, usize> = HashMap::new();
-    for result in platform.read_all::<TopUpResult>(topics::RESULTS).await? {
-        *per_command.entry(result.command_id).or_default() += 1;
-    }
+    let by_command = platform.results_by_command().await?;
     for (id, _, _, _) in cases {
-        assert_eq!(per_command.get(*id), Some(&1), "exactly one result for {id}");
+        assert_eq!(by_command.get(*id).map(Vec::len), Some(1), "exactly one result for {id}");
     }
     let ledger = alipay.ledger().await?;
     let expected: HashMap<String, u64> =

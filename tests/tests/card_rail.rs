@@ -13,10 +13,6 @@ use topup_tests::alipay_server::AlipayServer;
 use topup_tests::stripe_server::{StripeServer, SECRET_KEY};
 use topup_tests::{command, Platform};
 
-fn reason(result: &TopUpResult) -> FailureReason {
-    FailureReason::try_from(result.failure_reason).unwrap_or(FailureReason::Unspecified)
-}
-
 /// Payment worker settings: cards to the test Stripe at `url`, the rest to the sandbox.
 fn stripe_config(platform: &Platform, url: &str) -> topup_payment_worker::Config {
     let mut config = platform.http_payment_config("http://127.0.0.1:9/unused");
@@ -80,25 +76,17 @@ async fn every_stripe_answer_ends_in_one_result_and_at_most_one_charge() -> anyh
         let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
         platform.publish_command(&command(&format!("sub-{index}"), id, &tokens), None).await?;
     }
-    let mut results = platform.reader::<TopUpResult>(topics::RESULTS)?;
-    for (id, _, status, why) in cases {
-        let result =
-            results.wait_for(&format!("the result of {id}"), |r| r.command_id == *id).await?;
-        assert_eq!(result.status, *status as i32, "{id}: {result:?}");
-        assert_eq!(reason(result), *why, "{id}: {result:?}");
-        if *status == TopUpStatus::Succeeded {
-            assert!(result.gateway_reference.starts_with("pi_"), "{id}: {result:?}");
+    let expected: Vec<_> = cases.iter().map(|(id, _, status, why)| (*id, *status, *why)).collect();
+    for result in platform.expect_results(&expected).await? {
+        if result.status == TopUpStatus::Succeeded as i32 {
+            assert!(result.gateway_reference.starts_with("pi_"), "{result:?}");
         }
     }
     platform.wait_caught_up("topup-payment-worker", &[topics::COMMANDS]).await?;
     platform.wait_caught_up("topup-payment-worker-retries", &[topics::PAYMENT_RETRIES]).await?;
-
-    let mut per_command: HashMap<String, usize> = HashMap::new();
-    for result in platform.read_all::<TopUpResult>(topics::RESULTS).await? {
-        *per_command.entry(result.command_id).or_default() += 1;
-    }
+    let by_command = platform.results_by_command().await?;
     for (id, _, _, _) in cases {
-        assert_eq!(per_command.get(*id), Some(&1), "exactly one result for {id}");
+        assert_eq!(by_command.get(*id).map(Vec::len), Some(1), "exactly one result for {id}");
     }
     let expected: HashMap<String, u32> =
         ["approve", "fallback", "lost", "busy"].into_iter().map(|id| (id.to_string(), 1)).collect();

@@ -2,7 +2,7 @@
 //! answer ends in exactly one result and at most one charge per command; limits refuse
 //! before money moves; one subscriber's gateway outage does not hold back the others; a
 //! worker killed between the charge and the commit charges once after its restart.
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,17 +15,6 @@ use topup_tests::{charge_key, command, metric, Platform, WAIT};
 
 const PAYMENT_GROUP: &str = "topup-payment-worker";
 const RETRY_GROUP: &str = "topup-payment-worker-retries";
-
-/// Every committed result, by command id.
-async fn results_by_command(
-    platform: &Platform,
-) -> anyhow::Result<BTreeMap<String, Vec<TopUpResult>>> {
-    let mut by_command: BTreeMap<String, Vec<TopUpResult>> = BTreeMap::new();
-    for result in platform.read_all::<TopUpResult>(topics::RESULTS).await? {
-        by_command.entry(result.command_id.clone()).or_default().push(result);
-    }
-    Ok(by_command)
-}
 
 fn reason(result: &TopUpResult) -> FailureReason {
     FailureReason::try_from(result.failure_reason).unwrap_or(FailureReason::Unspecified)
@@ -75,7 +64,7 @@ async fn every_gateway_answer_ends_in_one_result_and_at_most_one_charge() -> any
     platform.wait_caught_up(PAYMENT_GROUP, &[topics::COMMANDS]).await?;
     platform.wait_caught_up(RETRY_GROUP, &[topics::PAYMENT_RETRIES]).await?;
 
-    let by_command = results_by_command(&platform).await?;
+    let by_command = platform.results_by_command().await?;
     for (id, _, _, _) in cases {
         assert_eq!(by_command.get(*id).map(Vec::len), Some(1), "exactly one result for {id}");
     }
@@ -264,7 +253,7 @@ async fn a_worker_killed_between_charge_and_commit_charges_once_after_restart() 
     platform.wait_caught_up(PAYMENT_GROUP, &[topics::COMMANDS]).await?;
     restarted.kill().await?;
 
-    let by_command = results_by_command(&platform).await?;
+    let by_command = platform.results_by_command().await?;
     assert_eq!(by_command.get("held").map(Vec::len), Some(1), "one result for the held command");
     assert_eq!(by_command.get("before").map(Vec::len), Some(1), "no replay of committed work");
     assert_eq!(gateway.charges_by_command().get("held"), Some(&1), "charged once");

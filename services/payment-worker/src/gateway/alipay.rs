@@ -42,7 +42,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use topup_proto::v1::{FailureReason, PaymentMethodKind};
 
-use super::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
+use super::{send, ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway, Unanswered};
 
 /// The one currency Alipay deducts in here.
 const CNY: &str = "CNY";
@@ -243,13 +243,6 @@ pub fn classify_query(answer: &Answer) -> ChargeStatus {
     }
 }
 
-/// What became of one request, before its answer is read.
-enum Call {
-    Answered(Answer),
-    NotSent(String),
-    Lost(String),
-}
-
 impl AlipayAgreements {
     /// A connector for `config`.
     pub fn new(config: AlipayConfig) -> Result<Self, reqwest::Error> {
@@ -283,21 +276,13 @@ impl AlipayAgreements {
     }
 
     /// Calls `method`; the answer only if Alipay's signature on it verifies.
-    async fn call(&self, method: &str, biz_content: &Value) -> Call {
+    async fn call(&self, method: &str, biz_content: &Value) -> Result<Answer, Unanswered> {
         let params = self.signed_params(method, biz_content);
-        let sent = self.client.post(&self.config.gateway_url).form(&params).send().await;
-        let response = match sent {
-            Ok(response) => response,
-            Err(e) if e.is_connect() => return Call::NotSent(format!("alipay unreachable: {e}")),
-            Err(e) => return Call::Lost(format!("alipay answer lost: {e}")),
-        };
-        let status = response.status();
-        let body = match response.text().await {
-            Ok(body) => body,
-            Err(e) => return Call::Lost(format!("reading alipay's answer: {e}")),
-        };
+        let request = self.client.post(&self.config.gateway_url).form(&params);
+        let (status, body) = send(request, "alipay").await?;
+        let body = String::from_utf8_lossy(&body);
         if !status.is_success() {
-            return Call::Lost(format!("alipay http {status}"));
+            return Err(Unanswered::Lost(format!("alipay http {status}")));
         }
         let name = format!("{}_response", method.replace('.', "_"));
         let Some((part, Some(sign))) = response_part(&body, &name) else {
@@ -311,15 +296,17 @@ impl AlipayAgreements {
                 .map(|part| Answer::of(&part).detail())
                 .unwrap_or_default();
             tracing::error!(method, answer = %unsigned, "an unsigned answer from Alipay: check ALIPAY_APP_ID and ALIPAY_PRIVATE_KEY_FILE");
-            return Call::Lost(format!("an unsigned answer from alipay: {unsigned}"));
+            return Err(Unanswered::Lost(format!("an unsigned answer from alipay: {unsigned}")));
         };
         if !rsa2_verify(&self.config.alipay_public_key, part, &sign) {
             tracing::error!(method, "Alipay's signature on an answer does not verify: not believed (check ALIPAY_PUBLIC_KEY_FILE)");
-            return Call::Lost("alipay answer with a signature that does not verify".into());
+            return Err(Unanswered::Lost(
+                "alipay answer with a signature that does not verify".into(),
+            ));
         }
         match serde_json::from_str::<Value>(part) {
-            Ok(value) => Call::Answered(Answer::of(&value)),
-            Err(e) => Call::Lost(format!("alipay answer unreadable: {e}")),
+            Ok(value) => Ok(Answer::of(&value)),
+            Err(e) => Err(Unanswered::Lost(format!("alipay answer unreadable: {e}"))),
         }
     }
 }
@@ -340,17 +327,16 @@ impl PaymentGateway for AlipayAgreements {
             "agreement_params": {"agreement_no": request.token},
         });
         match self.call("alipay.trade.pay", &biz).await {
-            Call::Answered(answer) => classify(&answer),
-            Call::NotSent(detail) => ChargeOutcome::Unavailable { detail },
-            Call::Lost(detail) => ChargeOutcome::Unknown { detail },
+            Ok(answer) => classify(&answer),
+            Err(unanswered) => unanswered.into(),
         }
     }
 
     async fn status(&self, idempotency_key: &str, _kind: PaymentMethodKind) -> ChargeStatus {
         let biz = json!({"out_trade_no": out_trade_no(idempotency_key)});
         match self.call("alipay.trade.query", &biz).await {
-            Call::Answered(answer) => classify_query(&answer),
-            Call::NotSent(detail) | Call::Lost(detail) => ChargeStatus::Unknown { detail },
+            Ok(answer) => classify_query(&answer),
+            Err(unanswered) => unanswered.into(),
         }
     }
 }

@@ -39,7 +39,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use topup_proto::v1::{FailureReason, PaymentMethodKind};
 
-use super::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
+use super::{send, ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
 
 /// Header carrying the signing time.
 pub const TIMESTAMP_HEADER: &str = "x-topup-timestamp";
@@ -237,34 +237,17 @@ impl PaymentGateway for HttpGateway {
         };
         let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
         let signed = signature(self.config.secret.expose_secret().as_bytes(), timestamp, &body);
-        let sent = self
+        let request = self
             .client
             .post(&self.config.url)
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(IDEMPOTENCY_HEADER, &request.idempotency_key)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
             .header(SIGNATURE_HEADER, signed)
-            .body(body)
-            .send()
-            .await;
-        let response = match sent {
-            Ok(response) => response,
-            // Never connected: the request was not sent, nothing can have moved.
-            Err(e) if e.is_connect() => {
-                return ChargeOutcome::Unavailable { detail: format!("gateway unreachable: {e}") }
-            }
-            Err(e) if e.is_timeout() => {
-                return ChargeOutcome::Unknown {
-                    detail: format!("no answer within {:?}", self.config.timeout),
-                }
-            }
-            // Sent, or perhaps sent: a reset after the write leaves the charge unknown.
-            Err(e) => return ChargeOutcome::Unknown { detail: format!("answer lost: {e}") },
-        };
-        let status = response.status();
-        match response.bytes().await {
-            Ok(body) => classify(status, &body),
-            Err(e) => ChargeOutcome::Unknown { detail: format!("reading the answer: {e}") },
+            .body(body);
+        match send(request, "the gateway").await {
+            Ok((status, body)) => classify(status, &body),
+            Err(unanswered) => unanswered.into(),
         }
     }
 
@@ -276,21 +259,14 @@ impl PaymentGateway for HttpGateway {
             idempotency_key.as_bytes(),
         );
         let url = format!("{}/{idempotency_key}", self.config.url.trim_end_matches('/'));
-        let sent = self
+        let request = self
             .client
             .get(url)
             .header(TIMESTAMP_HEADER, timestamp.to_string())
-            .header(SIGNATURE_HEADER, signed)
-            .send()
-            .await;
-        let response = match sent {
-            Ok(response) => response,
-            Err(e) => return ChargeStatus::Unknown { detail: format!("status lookup: {e}") },
-        };
-        let status = response.status();
-        match response.bytes().await {
-            Ok(body) => classify_status(status, &body),
-            Err(e) => ChargeStatus::Unknown { detail: format!("reading the status: {e}") },
+            .header(SIGNATURE_HEADER, signed);
+        match send(request, "the gateway's status lookup").await {
+            Ok((status, body)) => classify_status(status, &body),
+            Err(unanswered) => unanswered.into(),
         }
     }
 }

@@ -84,6 +84,58 @@ pub trait PaymentGateway: Send + Sync + 'static {
     ) -> impl Future<Output = ChargeStatus> + Send;
 }
 
+/// A request that got no answer, and what that means for the money.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unanswered {
+    /// Never connected: the request was not sent, nothing can have moved.
+    NotSent(String),
+    /// Sent, or perhaps sent (a timeout, a reset after the write, a body cut short): money
+    /// may have moved.
+    Lost(String),
+}
+
+impl From<Unanswered> for ChargeOutcome {
+    fn from(unanswered: Unanswered) -> Self {
+        match unanswered {
+            Unanswered::NotSent(detail) => ChargeOutcome::Unavailable { detail },
+            Unanswered::Lost(detail) => ChargeOutcome::Unknown { detail },
+        }
+    }
+}
+
+impl From<Unanswered> for ChargeStatus {
+    fn from(unanswered: Unanswered) -> Self {
+        match unanswered {
+            Unanswered::NotSent(detail) | Unanswered::Lost(detail) => {
+                ChargeStatus::Unknown { detail }
+            }
+        }
+    }
+}
+
+/// Sends `request` to `provider`: the answer's status and body, or why there is none. The
+/// one place where a lost HTTP answer is told from a request never sent.
+pub async fn send(
+    request: reqwest::RequestBuilder,
+    provider: &str,
+) -> Result<(reqwest::StatusCode, Vec<u8>), Unanswered> {
+    let response = match request.send().await {
+        Ok(response) => response,
+        Err(e) if e.is_connect() => {
+            return Err(Unanswered::NotSent(format!("{provider} unreachable: {e}")))
+        }
+        Err(e) if e.is_timeout() => {
+            return Err(Unanswered::Lost(format!("no answer from {provider} in time: {e}")))
+        }
+        Err(e) => return Err(Unanswered::Lost(format!("{provider}'s answer lost: {e}"))),
+    };
+    let status = response.status();
+    match response.bytes().await {
+        Ok(body) => Ok((status, body.to_vec())),
+        Err(e) => Err(Unanswered::Lost(format!("reading {provider}'s answer: {e}"))),
+    }
+}
+
 /// The gateway chosen by configuration.
 #[derive(Debug, Clone)]
 pub enum AnyGateway {

@@ -42,7 +42,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 use topup_proto::v1::{FailureReason, PaymentMethodKind};
 
-use super::{ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
+use super::{send, ChargeOutcome, ChargeRequest, ChargeStatus, PaymentGateway};
 
 /// The API version the requests are written for (`Stripe-Version`); stripe-mock's bundled
 /// specification in the tests is this version.
@@ -296,28 +296,13 @@ impl PaymentGateway for StripeCards {
                     .into(),
             };
         };
-        let sent = self
+        let request = self
             .authorised(self.client.post(self.url("/v1/payment_intents")))
             .header("Idempotency-Key", &request.idempotency_key)
-            .form(&charge_form(request, customer, method))
-            .send()
-            .await;
-        let response = match sent {
-            Ok(response) => response,
-            Err(e) if e.is_connect() => {
-                return ChargeOutcome::Unavailable { detail: format!("stripe unreachable: {e}") }
-            }
-            Err(e) if e.is_timeout() => {
-                return ChargeOutcome::Unknown {
-                    detail: format!("no answer from stripe within {:?}", self.config.timeout),
-                }
-            }
-            Err(e) => return ChargeOutcome::Unknown { detail: format!("answer lost: {e}") },
-        };
-        let status = response.status();
-        match response.bytes().await {
-            Ok(body) => classify(status, &body),
-            Err(e) => ChargeOutcome::Unknown { detail: format!("reading the answer: {e}") },
+            .form(&charge_form(request, customer, method));
+        match send(request, "stripe").await {
+            Ok((status, body)) => classify(status, &body),
+            Err(unanswered) => unanswered.into(),
         }
     }
 
@@ -326,19 +311,12 @@ impl PaymentGateway for StripeCards {
         // could hold one).
         let quoted = idempotency_key.replace('\\', "\\\\").replace('\'', "\\'");
         let query = format!("metadata['{KEY_METADATA}']:'{quoted}'");
-        let sent = self
+        let request = self
             .authorised(self.client.get(self.url("/v1/payment_intents/search")))
-            .query(&[("query", query.as_str())])
-            .send()
-            .await;
-        let response = match sent {
-            Ok(response) => response,
-            Err(e) => return ChargeStatus::Unknown { detail: format!("stripe search: {e}") },
-        };
-        let status = response.status();
-        match response.bytes().await {
-            Ok(body) => classify_search(status, &body, idempotency_key),
-            Err(e) => ChargeStatus::Unknown { detail: format!("reading the search: {e}") },
+            .query(&[("query", query.as_str())]);
+        match send(request, "stripe").await {
+            Ok((status, body)) => classify_search(status, &body, idempotency_key),
+            Err(unanswered) => unanswered.into(),
         }
     }
 }
