@@ -62,7 +62,8 @@ impl AlipayServer {
     /// What the server saw.
     pub async fn ledger(&self) -> anyhow::Result<Ledger> {
         let url = self.url.replace("/gateway.do", "/_ledger");
-        let ledger: Value = reqwest::get(url).await?.json().await?;
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        let ledger: Value = client.get(url).send().await?.json().await?;
         let counts = |name: &str| -> HashMap<String, u64> {
             ledger[name]
                 .as_object()

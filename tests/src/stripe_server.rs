@@ -6,7 +6,8 @@
 //! from this server: each request is first forwarded to `stripe-mock`, and one it refuses
 //! is answered with its error and counted in [`StripeServer::shape_errors`]; then this
 //! server answers as Stripe would, keeping each idempotency key's first answer (and
-//! replaying it), charging a key at most once, and finding PaymentIntents by metadata.
+//! replaying it), charging a key at most once, and finding PaymentIntents by metadata — a
+//! key's first search finds nothing, as Stripe's search lags behind its writes.
 //!
 //! Outcomes by payment method, Stripe's test payment methods where Stripe has one:
 //!
@@ -83,11 +84,18 @@ impl StripeMock {
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
         let url = format!("http://127.0.0.1:{port}");
-        let client = reqwest::Client::new();
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         let mut tick = tokio::time::interval(Duration::from_millis(50));
+        let mut child = child;
         loop {
             tick.tick().await;
+            if let Some(exit) = child.try_wait()? {
+                bail!(
+                    "stripe-mock exited ({exit}) before it answered; its log: {}",
+                    log_path.display()
+                );
+            }
             let answered = client.get(format!("{url}/v1/customers")).bearer_auth(SECRET_KEY);
             if answered.send().await.is_ok() {
                 return Ok(Self { url, _child: child });
@@ -118,8 +126,10 @@ struct Ledger {
     /// Requests per key, and 429s still to give per key.
     requests: HashMap<String, u32>,
     busy_given: HashMap<String, u32>,
-    /// Searches received.
+    /// Searches received, and the keys searched once (the first search of a key finds
+    /// nothing, as Stripe's search lags behind its writes).
     searches: u32,
+    searched: std::collections::HashSet<String>,
     /// What stripe-mock refused, and requests without our headers.
     shape_errors: Vec<String>,
 }
@@ -182,8 +192,8 @@ impl StripeServer {
     /// Starts stripe-mock and this server on free loopback ports.
     pub async fn start() -> anyhow::Result<Self> {
         let mock = StripeMock::start().await?;
-        let shared =
-            Arc::new(Shared { ledger: Mutex::default(), mock, client: reqwest::Client::new() });
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+        let shared = Arc::new(Shared { ledger: Mutex::default(), mock, client });
         let app = axum::Router::new()
             .route("/v1/payment_intents", axum::routing::post(create))
             .route("/v1/payment_intents/search", axum::routing::get(search))
@@ -368,10 +378,11 @@ async fn search(
     };
     let mut ledger = shared.lock();
     ledger.searches += 1;
+    let lagging = ledger.searched.insert(value.clone());
     let data: Vec<Value> = ledger
         .intents
         .iter()
-        .filter(|intent| intent["metadata"][&name].as_str() == Some(value.as_str()))
+        .filter(|intent| !lagging && intent["metadata"][&name].as_str() == Some(value.as_str()))
         .cloned()
         .collect();
     answer(

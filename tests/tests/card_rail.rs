@@ -93,7 +93,8 @@ async fn every_stripe_answer_ends_in_one_result_and_at_most_one_charge() -> anyh
     assert_eq!(stripe.charges_by_command(), expected);
     let lost_key = topup_tests::charge_key("lost", &card("pm_test_lost"));
     assert_eq!(stripe.charges().get(&lost_key), Some(&1));
-    assert!(stripe.searches() >= 1, "the lost answer was looked up");
+    // The first search finds nothing (Stripe's lags): still unknown, asked again, found.
+    assert!(stripe.searches() >= 2, "the lost answer was looked up until found");
     assert_eq!(stripe.requests(&topup_tests::charge_key("busy", &card("pm_test_busy2"))), 3);
     assert_eq!(stripe.shape_errors(), Vec::<String>::new(), "stripe-mock refused requests");
 

@@ -26,8 +26,9 @@
 //! `ACQ.SYSTEM_ERROR`, `ACQ.TRADE_HAS_SUCCESS` unknown (the query settles them);
 //! `ACQ.BUYER_BALANCE_NOT_ENOUGH` and the bank-card one: insufficient funds; the agreement
 //! gone (`ACQ.AGREEMENT_NOT_EXIST`, `…_INVALID`, `…_STATUS_NOT_NORMAL`): agreement ended;
-//! the agreement's limits (`ACQ.CYCLE_PAY_*_EXCEED`): limit exceeded; other `40004`:
-//! declined; `40001`/`40002`/`40006` (our request or our credentials), signed: not
+//! the agreement's limits (`ACQ.CYCLE_PAY_*_EXCEED`): limit exceeded; the definite
+//! declines of [`DECLINES`]: declined; any other `40004` (`ACQ.CONTEXT_INCONSISTENT`, a
+//! trade under this number with other content): unknown; `40001`/`40002`/`40006` (our request or our credentials), signed: not
 //! processed. An answer without Alipay's signature (Alipay sends a bad-signature refusal so)
 //! or with one that does not verify proves nothing: unknown.
 use std::time::Duration;
@@ -194,6 +195,20 @@ impl Answer {
     }
 }
 
+/// Business failures of `alipay.trade.pay` that are definite: nothing was paid under the
+/// order number, and another method may be tried.
+const DECLINES: &[&str] = &[
+    "ACQ.TRADE_HAS_CLOSE",
+    "ACQ.BUYER_ENABLE_STATUS_FORBID",
+    "ACQ.BUYER_SELLER_EQUAL",
+    "ACQ.PAYMENT_REQUEST_HAS_RISK",
+    "ACQ.NO_PAYMENT_INSTRUMENTS_AVAILABLE",
+    "ACQ.BEYOND_PAY_RESTRICTION",
+    "ACQ.BEYOND_PER_RECEIPT_RESTRICTION",
+    "ACQ.ERROR_BALANCE_PAYMENT_DISABLE",
+    "ACQ.PAYMENT_FAIL",
+];
+
 /// Reads a verified answer to `alipay.trade.pay`.
 pub fn classify(answer: &Answer) -> ChargeOutcome {
     let detail = answer.detail();
@@ -218,7 +233,9 @@ pub fn classify(answer: &Answer) -> ChargeOutcome {
         ("40004", code) if code.starts_with("ACQ.CYCLE_PAY_") && code.ends_with("_EXCEED") => {
             refused(FailureReason::LimitExceeded)
         }
-        ("40004", _) => refused(FailureReason::Declined),
+        ("40004", code) if DECLINES.contains(&code) => refused(FailureReason::Declined),
+        // Any other business failure may concern a trade that exists under this number
+        // (`ACQ.CONTEXT_INCONSISTENT`, say): unknown, the query decides.
         // Missing or invalid parameters (a bad signature among them), no permission:
         // nothing was processed.
         ("40001" | "40002" | "40006", _) => {
@@ -278,7 +295,15 @@ impl AlipayAgreements {
     /// Calls `method`; the answer only if Alipay's signature on it verifies.
     async fn call(&self, method: &str, biz_content: &Value) -> Result<Answer, Unanswered> {
         let params = self.signed_params(method, biz_content);
-        let request = self.client.post(&self.config.gateway_url).form(&params);
+        let body = form_urlencoded::Serializer::new(String::new()).extend_pairs(&params).finish();
+        let request = self
+            .client
+            .post(&self.config.gateway_url)
+            .header(
+                reqwest::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded;charset=utf-8",
+            )
+            .body(body);
         let (status, body) = send(request, "alipay").await?;
         let body = String::from_utf8_lossy(&body);
         if !status.is_success() {

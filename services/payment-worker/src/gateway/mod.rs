@@ -8,7 +8,7 @@
 //! |----------|--------------------------------------------|----------------------|
 //! | approved | [`ChargeOutcome::Approved`]                | the top-up succeeded |
 //! | refused  | [`ChargeOutcome::Refused`], [`ChargeOutcome::Unavailable`] | definite, nothing moved: the next method (after retries, for `Unavailable`) |
-//! | unknown  | [`ChargeOutcome::Unknown`]                 | money may have moved: ask the gateway by key ([`PaymentGateway::status`]) and send again with the same key, never another method; past the deadline the top-up needs reconciliation |
+//! | unknown  | [`ChargeOutcome::Unknown`]                 | money may have moved: ask the gateway by key ([`PaymentGateway::status`]), and send again with the same key only if it says it never received it; never another method; past the deadline the top-up needs reconciliation |
 pub mod alipay;
 pub mod http;
 mod sandbox;
@@ -170,7 +170,9 @@ impl PaymentGateway for AnyGateway {
 }
 
 /// The gateway of each rail: cards (credit and debit) and Alipay on their own gateways when
-/// configured, every other kind (and those without one) on the default.
+/// configured, every other kind (and those without one) on the default. A charge parked
+/// with an unknown outcome is looked up on today's gateway of its kind: change a rail only
+/// while no charge of that kind is parked (docs/payment-worker.md).
 #[derive(Debug, Clone)]
 pub struct Rails {
     /// Charges every kind without a gateway of its own.

@@ -32,9 +32,9 @@
 //! Stripe keeps an idempotency key's first answer (a 402 or a 500 as well) and replays it
 //! to a request with the same key; it charges a key once. A decline is therefore final for
 //! its key, and the next method is tried. The status lookup searches PaymentIntents by the
-//! `topup_key` metadata ([`classify_search`]); finding none means "send it again with the
-//! same key", which Stripe answers from its saved result if the first request reached it.
-//! Search results can lag by about a minute, so nothing else is concluded from none.
+//! `topup_key` metadata ([`classify_search`]); finding none proves nothing (search results
+//! lag by up to a minute), so the outcome stays unknown until a search finds the intent or
+//! the deadline sends the top-up to reconciliation.
 use std::time::Duration;
 
 use reqwest::StatusCode;
@@ -224,19 +224,25 @@ pub fn classify_search(status: StatusCode, body: &[u8], key: &str) -> ChargeStat
         .data
         .iter()
         .filter(|intent| intent.metadata.get(KEY_METADATA).map(String::as_str) == Some(key));
-    let mut pending = None;
+    // Every intent of the key is looked at: an approval anywhere wins, then one still
+    // pending, then a refusal.
+    let (mut pending, mut refused) = (None, None);
     for intent in mine {
         match settled(intent) {
             Some(Ok(reference)) => return ChargeStatus::Approved { reference },
-            Some(Err((reason, detail))) => return ChargeStatus::Refused { reason, detail },
+            Some(Err((reason, detail))) => refused = Some(ChargeStatus::Refused { reason, detail }),
             None => pending = Some(format!("stripe {} is {}", intent.id, intent.status)),
         }
     }
-    match pending {
-        Some(detail) => ChargeStatus::Unknown { detail },
-        // Not (yet) searchable: sending again with the same key is safe, Stripe answers it
-        // from the first request's saved result if that one reached it.
-        None => ChargeStatus::NotFound,
+    match (pending, refused) {
+        (Some(detail), _) => ChargeStatus::Unknown { detail },
+        (None, Some(refusal)) => refusal,
+        // Not found proves nothing: search results lag by up to a minute, and the search
+        // is not offered everywhere. Only a definite answer settles the key, else
+        // reconciliation does; the next method is never tried on an empty search.
+        (None, None) => ChargeStatus::Unknown {
+            detail: format!("no PaymentIntent with {KEY_METADATA} {key} found (yet)"),
+        },
     }
 }
 
@@ -390,11 +396,21 @@ mod tests {
         let intent = |key: &str, status: &str| {
             format!(r#"{{"id":"pi_{key}","status":"{status}","metadata":{{"topup_key":"{key}"}}}}"#)
         };
-        assert_eq!(search(r#"{"data":[]}"#), ChargeStatus::NotFound);
+        // None found proves nothing (the search lags): never "not found".
+        assert!(matches!(search(r#"{"data":[]}"#), ChargeStatus::Unknown { .. }));
         // stripe-mock's fixture, or anybody else's intent, is not ours.
-        assert_eq!(
+        assert!(matches!(
             search(&format!(r#"{{"data":[{}]}}"#, intent("k2", "succeeded"))),
-            ChargeStatus::NotFound
+            ChargeStatus::Unknown { .. }
+        ));
+        // An approval wins over an earlier refusal of the same key.
+        assert_eq!(
+            search(&format!(
+                r#"{{"data":[{},{}]}}"#,
+                intent("k1", "requires_payment_method"),
+                intent("k1", "succeeded")
+            )),
+            ChargeStatus::Approved { reference: "pi_k1".into() }
         );
         assert_eq!(
             search(&format!(r#"{{"data":[{}]}}"#, intent("k1", "succeeded"))),
