@@ -263,11 +263,7 @@ pub fn classify_query(answer: &Answer) -> ChargeStatus {
 impl AlipayAgreements {
     /// A connector for `config`.
     pub fn new(config: AlipayConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .user_agent(concat!("topup-payment-worker/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let client = super::client(config.timeout)?;
         Ok(Self { client, config: std::sync::Arc::new(config) })
     }
 

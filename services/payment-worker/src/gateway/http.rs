@@ -207,11 +207,7 @@ pub struct HttpGateway {
 impl HttpGateway {
     /// A client for `config`.
     pub fn new(config: HttpGatewayConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .user_agent(concat!("topup-payment-worker/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let client = super::client(config.timeout)?;
         Ok(Self { client, config })
     }
 }

@@ -113,6 +113,15 @@ impl From<Unanswered> for ChargeStatus {
     }
 }
 
+/// The HTTP client of a gateway: every request (and its connection) bounded by `timeout`.
+pub fn client(timeout: std::time::Duration) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(concat!("topup-payment-worker/", env!("CARGO_PKG_VERSION")))
+        .build()
+}
+
 /// Sends `request` to `provider`: the answer's status and body, or why there is none. The
 /// one place where a lost HTTP answer is told from a request never sent.
 pub async fn send(

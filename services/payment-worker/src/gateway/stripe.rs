@@ -257,11 +257,7 @@ fn customer_and_method(token: &str) -> Option<(&str, &str)> {
 impl StripeCards {
     /// A connector for `config`.
     pub fn new(config: StripeConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .connect_timeout(config.timeout)
-            .user_agent(concat!("topup-payment-worker/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let client = super::client(config.timeout)?;
         Ok(Self { client, config })
     }
 
